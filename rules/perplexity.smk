@@ -1,0 +1,35 @@
+rule eval_perplexity:
+    input:
+        model="results/models/{model}",
+        corpus="results/corpora/{model}/evaluation.safetensors",
+    output:
+        "results/eval/ppl/{model}/{method}/{sparsity}.json",
+    params:
+        window=config["perplexity"]["window"],
+        stride=config["perplexity"]["stride"],
+        batch_size=config["perplexity"]["batch_size"],
+        dtype=config["dtype"],
+    log:
+        f"{LOGS}/eval_perplexity/{{model}}/{{method}}/{{sparsity}}.log",
+    benchmark:
+        f"{BENCHMARKS}/eval_perplexity/{{model}}/{{method}}/{{sparsity}}.tsv"
+    resources:
+        **heavy_resources(mem_mb=8000, runtime=60),
+    threads: config["threads"]
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/eval_perplexity.py"
+
+
+rule perplexity_table:
+    input:
+        [path for model in MODELS for path in ppl_results(model)],
+    output:
+        "results/tables/perplexity.csv",
+    log:
+        f"{LOGS}/perplexity_table.log",
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/perplexity_table.py"
