@@ -6,10 +6,15 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from actsparse.models import TINY_FAMILIES, import_model
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = tuple(TINY_FAMILIES)
+
+# Tiny models run fastest on one thread; a thread pool only adds contention on small CPUs.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
