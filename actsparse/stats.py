@@ -1,0 +1,252 @@
+"""Streaming statistics of stored activations, per (layer, component), mergeable across shards.
+
+Collected batch by batch while a shard is written, so threshold fitting and reports get
+distribution summaries without another pass over the store, and shards combine by addition.
+
+Per (layer, component), on the values *as stored* (float16 or bfloat16):
+
+* ``hist``: int64 counts of ``|x|`` over fixed bins shared by every key, shard and model, so any
+  two histograms add. Layout (``NBINS`` = 123):
+
+  - ``ZERO_BIN`` (0): exact zeros (+0 and -0);
+  - ``UNDERFLOW_BIN`` (1): ``0 < |x| < EDGES[0]``;
+  - ``2 + j``: ``EDGES[j] <= |x| < EDGES[j + 1]``, 120 log-spaced bins, 10 per decade;
+  - ``OVERFLOW_BIN`` (122): ``|x| >= EDGES[-1]``, inf included.
+
+  All bins are half-open on the right, so the count below any edge is exact: the fraction of
+  values a threshold equal to that edge zeroes. Total and zero counts are read off ``hist``.
+* ``sum_abs``, ``sum_sq``: float64 per-channel sums of ``|x|`` and ``x**2`` (CHESS's ``mean|u_c|``
+  and its first version's ``E[u_c^2]``).
+
+The histogram is exact and cheap because a 16-bit float has only 32,768 magnitudes: one bincount
+of the bit patterns with the sign cleared, then a fixed table from magnitude to bin. This runs on
+the batch's device (GPU included); only the counts and per-channel sums move to the host.
+
+NaN values are refused: they have no place in a magnitude histogram and always mean a bug
+upstream.
+
+Files: one safetensors file per store holds every key's arrays; its JSON header holds the format
+and the list of keys. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import numbers
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from actsparse.anatomy import COMPONENTS
+
+Key = tuple[int, str]  # (layer index, component)
+
+EDGES = np.logspace(-8, 4, 121)
+ZERO_BIN = 0
+UNDERFLOW_BIN = 1
+OVERFLOW_BIN = len(EDGES) + 1
+NBINS = len(EDGES) + 2
+STATS_FORMAT = "actsparse.stats/1"
+STATS_DTYPES = (torch.float16, torch.bfloat16)
+_NAN_SLOT = NBINS  # where NaN magnitudes land in the lookup table, one past the real bins
+_PARTS = ("hist", "sum_abs", "sum_sq")  # TensorStats's arrays, in constructor order
+
+
+def check_key(layer: int, component: str) -> Key:
+    """Validate a (layer, component) key early, so a typo fails where it is made."""
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
+        raise ValueError(f"layer must be a non-negative int, got {layer!r}")
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; known: {', '.join(COMPONENTS)}")
+    return int(layer), component
+
+
+def array_name(layer: int, component: str) -> str:
+    """The name of a key's array in stores and stats files."""
+    return f"layers/{layer}/{component}"
+
+
+@functools.cache
+def _magnitude_bins(dtype: torch.dtype) -> np.ndarray:
+    """Bin of every non-negative bit pattern of a 16-bit float dtype (``_NAN_SLOT`` for NaN)."""
+    magnitudes = torch.arange(1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = magnitudes.to(torch.float64).numpy()
+    bins = 1 + np.searchsorted(EDGES, values, side="right")
+    bins[values == 0] = ZERO_BIN
+    bins[np.isnan(values)] = _NAN_SLOT
+    return bins
+
+
+class TensorStats:
+    """Statistics of one (layer, component): magnitude histogram and per-channel sums."""
+
+    def __init__(self, hist: np.ndarray, sum_abs: np.ndarray, sum_sq: np.ndarray) -> None:
+        if hist.shape != (NBINS,) or hist.dtype != np.int64:
+            raise ValueError(f"hist must be int64 [{NBINS}], got {hist.dtype} {hist.shape}")
+        for name, sums in (("sum_abs", sum_abs), ("sum_sq", sum_sq)):
+            if sums.ndim != 1 or sums.dtype != np.float64:
+                raise ValueError(f"{name} must be 1-D float64, got {sums.dtype} {sums.shape}")
+        if sum_abs.shape != sum_sq.shape:
+            raise ValueError(f"sum_abs {sum_abs.shape} and sum_sq {sum_sq.shape} differ in shape")
+        self.hist = hist
+        self.sum_abs = sum_abs
+        self.sum_sq = sum_sq
+
+    @classmethod
+    def empty(cls, channels: int) -> TensorStats:
+        zeros = np.zeros(channels, dtype=np.float64)
+        return cls(np.zeros(NBINS, dtype=np.int64), zeros, zeros.copy())
+
+    @property
+    def channels(self) -> int:
+        return len(self.sum_abs)
+
+    @property
+    def count(self) -> int:
+        return int(self.hist.sum())
+
+    @property
+    def zeros(self) -> int:
+        return int(self.hist[ZERO_BIN])
+
+    @property
+    def tokens(self) -> int:
+        return self.count // self.channels
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zeros / self._nonempty_count()
+
+    def update(self, batch: torch.Tensor) -> None:
+        """Add a ``[tokens, channels]`` float16/bfloat16 batch; a refused batch changes nothing."""
+        if batch.ndim != 2:
+            raise ValueError(f"batch must be 2-D [tokens, channels], got shape {list(batch.shape)}")
+        if batch.shape[1] != self.channels:
+            raise ValueError(f"batch has {batch.shape[1]} channels, earlier ones {self.channels}")
+        if batch.dtype not in STATS_DTYPES:
+            raise ValueError(f"stats take stored values (float16, bfloat16), got {batch.dtype}")
+        patterns = (batch.detach().view(torch.int16) & 0x7FFF).reshape(-1)
+        per_pattern = torch.bincount(patterns, minlength=1 << 15).cpu().numpy()
+        bins = _magnitude_bins(batch.dtype)
+        per_bin = np.bincount(bins, weights=per_pattern, minlength=NBINS + 1)
+        if per_bin[_NAN_SLOT]:
+            raise ValueError(f"batch holds {int(per_bin[_NAN_SLOT])} NaN values")
+        values = batch.detach().to(torch.float64)
+        self.sum_sq += values.square().sum(0).cpu().numpy()
+        self.sum_abs += values.abs_().sum(0).cpu().numpy()
+        self.hist += per_bin[:NBINS].astype(np.int64)
+
+    def merge(self, other: TensorStats) -> None:
+        """Add another shard's statistics of the same key into these."""
+        if other.channels != self.channels:
+            raise ValueError(f"cannot merge {other.channels} channels into {self.channels}")
+        self.hist += other.hist
+        self.sum_abs += other.sum_abs
+        self.sum_sq += other.sum_sq
+
+    def channel_mean_abs(self) -> np.ndarray:
+        """mean |x| per channel over all tokens (CHESS's ``m_c`` when this key is ``up``)."""
+        return self.sum_abs / self._nonempty_tokens()
+
+    def channel_mean_square(self) -> np.ndarray:
+        """mean x**2 per channel over all tokens (the first CHESS version's ``E[u_c^2]``)."""
+        return self.sum_sq / self._nonempty_tokens()
+
+    def cdf_at(self, points: np.ndarray | float) -> np.ndarray:
+        """Fraction of values with ``|x| < p``: the sparsity a threshold ``p`` would give.
+
+        Exact at the edges and at 0; between two edges interpolated linearly in log10(p), below
+        the first edge linearly in p. Overflow values never count as below: past the last edge
+        the curve stays at the fraction below it.
+        """
+        p = np.asarray(points, dtype=np.float64)
+        if np.isnan(p).any():
+            raise ValueError("cdf_at points must not be NaN")
+        below = np.cumsum(self.hist) - self.hist  # values in the bins before each bin
+        at_edges = below[UNDERFLOW_BIN + 1 :]
+        in_log_bins = np.interp(np.log10(np.maximum(p, EDGES[0])), np.log10(EDGES), at_edges)
+        underflow_share = np.clip(p / EDGES[0], 0, 1)
+        in_underflow = below[UNDERFLOW_BIN] + self.hist[UNDERFLOW_BIN] * underflow_share
+        counts = np.where(p >= EDGES[0], in_log_bins, np.where(p > 0, in_underflow, 0.0))
+        return counts / self._nonempty_count()
+
+    def _nonempty_count(self) -> int:
+        if not self.count:
+            raise ValueError("no values were added to these stats")
+        return self.count
+
+    def _nonempty_tokens(self) -> int:
+        self._nonempty_count()
+        return self.tokens
+
+
+class StoreStats:
+    """The statistics of every (layer, component) of one store (or of merged shards)."""
+
+    def __init__(self) -> None:
+        self._stats: dict[Key, TensorStats] = {}
+
+    def __getitem__(self, key: Key) -> TensorStats:
+        try:
+            return self._stats[key]
+        except KeyError:
+            raise KeyError(f"no stats for layer {key[0]} component {key[1]!r}") from None
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._stats
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(sorted(self._stats))
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+    def update(self, layer: int, component: str, batch: torch.Tensor) -> None:
+        key = check_key(layer, component)
+        stats = self._stats.get(key) or TensorStats.empty(batch.shape[-1] if batch.ndim else 0)
+        try:
+            stats.update(batch)
+        except ValueError as exc:
+            raise ValueError(f"layer {layer} {component}: {exc}") from None
+        self._stats[key] = stats
+
+    def merge(self, other: StoreStats) -> None:
+        """Add another shard's statistics; keys only ``other`` has are copied in."""
+        for key in other:
+            mine = self._stats.setdefault(key, TensorStats.empty(other[key].channels))
+            mine.merge(other[key])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file, atomically (a crash never leaves a half-written file)."""
+        path = Path(path)
+        arrays = {"edges": EDGES}
+        for key, stats in self._stats.items():
+            name = array_name(*key)
+            arrays |= {f"{name}/{part}": getattr(stats, part) for part in _PARTS}
+        header = {"format": STATS_FORMAT, "keys": json.dumps(sorted(self._stats))}
+        partial = path.with_name(path.name + ".partial")
+        save_file(arrays, partial, metadata=header)
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StoreStats:
+        with safe_open(path, framework="numpy") as file:
+            header = file.metadata() or {}
+            if header.get("format") != STATS_FORMAT:
+                found = header.get("format")
+                raise ValueError(f"{path}: not an {STATS_FORMAT} file (format {found!r})")
+            if not np.array_equal(file.get_tensor("edges"), EDGES):
+                raise ValueError(f"{path}: histogram edges differ from this version's EDGES")
+            stats = cls()
+            for layer, component in json.loads(header["keys"]):
+                name = array_name(layer, component)
+                stats._stats[check_key(layer, component)] = TensorStats(
+                    *(file.get_tensor(f"{name}/{part}") for part in _PARTS)
+                )
+        return stats

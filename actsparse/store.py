@@ -1,0 +1,447 @@
+"""Sharded activation stores: one per calibration shard, written in the background, read in chunks.
+
+Layout, the same for both backends (chosen by the path's suffix: ``.zarr`` for a zarr v3
+directory, ``.h5`` for an HDF5 file):
+
+* one 2-D array ``layers/{layer}/{component}`` of shape ``[tokens, channels]`` per key, chunked
+  ``(token_block, channels)`` and compressed (zarr: blosc-zstd with byte shuffle; HDF5: gzip
+  with shuffle, readable by any HDF5 tool);
+* arrays are pre-sized: every key holds exactly the shard's token count
+  (``CorpusSlice.token_stop - token_start``), which makes a short array detectable;
+* float16 is stored as float16 (values past its range, 65504, become inf: use bfloat16 for
+  models with massive activations). Neither zarr nor HDF5 has bfloat16, so bfloat16 is stored
+  as its uint16 bit patterns; every array's ``dtype`` attribute names the logical dtype and the
+  reader views the bits back to ``torch.bfloat16``, bit for bit;
+* root attribute ``actsparse`` (a JSON string): format, model, corpus slice, dtype, token block
+  and the caller's provenance;
+* root attribute ``actsparse_complete`` (a JSON string), the completion marker: token count and
+  every array's key and shape, written last.
+
+Completion: a writer writes into ``<path>.partial`` and only a successful ``close()`` writes the
+marker and renames it to ``<path>``; an interrupted writer leaves ``<path>.partial`` alone, which
+the next writer for that path deletes first. ``open_store`` refuses a store without the marker,
+with a missing array, with an array of another shape than recorded, or with missing chunks
+(every chunk is written, even all-zero ones, so a stored-chunk count below the expected one means
+lost data).
+
+Statistics: ``append`` updates ``StoreWriter.stats`` (``actsparse.stats``) from the batch cast
+to the stored dtype, on the batch's own device (cheap on a GPU), so they describe exactly the
+stored values; ``close()`` saves them beside the store as ``<path>.stats.safetensors`` just
+before the rename.
+
+Memory: ``append`` copies the batch to the host in the stored dtype and queues it; a background
+thread writes queued batches, so writing overlaps the model's forward pass. The queue is bounded
+(``queue_size`` batches): at most ``queue_size + 1`` batches are held, and a full queue makes
+``append`` wait. Appends whose token counts are multiples of ``token_block`` write whole chunks;
+others cost a read-modify-write of the chunk they share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from actsparse.stats import Key, StoreStats, array_name, check_key
+
+STORE_FORMAT = "actsparse.activations/1"
+STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Each stored dtype as numpy can hold it on disk: bfloat16 travels as its uint16 bit patterns.
+_DISK_VIEW = {torch.float16: torch.float16, torch.bfloat16: torch.uint16}
+_META_ATTR = "actsparse"
+_MARKER_ATTR = "actsparse_complete"
+_STOP = object()  # tells the writer thread that no more batches come
+
+
+class StoreError(RuntimeError):
+    """A store is incomplete, damaged, or its writer failed."""
+
+
+@dataclass(frozen=True)
+class CorpusSlice:
+    """Which part of the calibration corpus a shard holds: tokens [token_start, token_stop)."""
+
+    corpus: str
+    shard_index: int
+    shard_count: int
+    token_start: int
+    token_stop: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"shard index {self.shard_index} not in [0, {self.shard_count})")
+        if not 0 <= self.token_start < self.token_stop:
+            raise ValueError(f"bad token range [{self.token_start}, {self.token_stop})")
+
+    @property
+    def tokens(self) -> int:
+        return self.token_stop - self.token_start
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where the writer of ``path`` writes until it completes."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def stats_path(path: str | os.PathLike) -> Path:
+    """Where the statistics of the store at ``path`` are saved."""
+    path = Path(path)
+    return path.with_name(path.name + ".stats.safetensors")
+
+
+class _Zarr:
+    """What differs between backends is here and in ``_Hdf5``; the rest of the module is shared."""
+
+    @staticmethod
+    def create(path: Path) -> zarr.Group:
+        return zarr.open_group(path, mode="w", zarr_format=3)
+
+    @staticmethod
+    def open(path: Path) -> zarr.Group:
+        return zarr.open_group(path, mode="r", zarr_format=3)
+
+    @staticmethod
+    def create_array(root: zarr.Group, name: str, shape: tuple[int, int], chunks: tuple[int, int],
+                     dtype: np.dtype) -> zarr.Array:
+        return root.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype,
+            compressors=BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle),
+            config={"write_empty_chunks": True},  # a missing chunk must mean lost data
+        )
+
+    @staticmethod
+    def stored_chunks(array: zarr.Array) -> int:
+        return array.nchunks_initialized
+
+    @staticmethod
+    def close(root: zarr.Group) -> None:
+        """Nothing to do: zarr writes every chunk and attribute when it is set."""
+
+
+class _Hdf5:
+    """HDF5 with the same names, chunks and attributes as ``_Zarr``."""
+
+    @staticmethod
+    def create(path: Path) -> h5py.File:
+        return h5py.File(path, "w")
+
+    @staticmethod
+    def open(path: Path) -> h5py.File:
+        return h5py.File(path, "r")
+
+    @staticmethod
+    def create_array(root: h5py.File, name: str, shape: tuple[int, int], chunks: tuple[int, int],
+                     dtype: np.dtype) -> h5py.Dataset:
+        return root.create_dataset(
+            name, shape=shape, chunks=chunks, dtype=dtype,
+            compression="gzip", compression_opts=1, shuffle=True,
+        )
+
+    @staticmethod
+    def stored_chunks(array: h5py.Dataset) -> int:
+        return array.id.get_num_chunks()
+
+    @staticmethod
+    def close(root: h5py.File) -> None:
+        root.close()
+
+
+Backend = type[_Zarr] | type[_Hdf5]
+_BACKENDS: dict[str, Backend] = {".zarr": _Zarr, ".h5": _Hdf5}
+
+
+def _backend(path: Path) -> Backend:
+    try:
+        return _BACKENDS[path.suffix]
+    except KeyError:
+        raise ValueError(f"{path}: store paths end in {' or '.join(_BACKENDS)}") from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+class StoreWriter:
+    """Writes one shard's activations; use as a context manager (an exception aborts).
+
+    ``append`` may be called from the model's forward hooks directly: its signature matches a
+    hook sink ``(layer, component, tensor)``, and tensors of shape ``[..., channels]`` are
+    flattened to ``[tokens, channels]`` in row-major order.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        model: str,
+        corpus: CorpusSlice,
+        dtype: torch.dtype = torch.float16,
+        provenance: Mapping[str, Any] | None = None,
+        token_block: int = 256,
+        queue_size: int = 16,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self._backend = _backend(self.path)
+        if dtype not in _DISK_VIEW:
+            raise ValueError(f"stored dtype must be {' or '.join(STORED_DTYPES)}, got {dtype}")
+        if token_block < 1 or queue_size < 1:
+            raise ValueError(f"token_block {token_block} and queue_size {queue_size} must be >= 1")
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists; remove it or pass overwrite=True")
+        self.dtype = dtype
+        self.tokens = corpus.tokens
+        self.stats = StoreStats()
+        self._chunk_rows = min(token_block, self.tokens)
+        self._rows: dict[Key, int] = {}  # tokens queued per key
+        self._arrays: dict[str, Any] = {}  # open arrays, touched by the writer thread only
+        metadata = json.dumps({
+            "format": STORE_FORMAT, "model": model, "corpus": asdict(corpus),
+            "dtype": _dtype_name(dtype), "token_block": self._chunk_rows,
+            "provenance": dict(provenance or {}),
+        })
+        self._partial = partial_path(self.path)
+        if self._partial.exists():
+            _remove(self._partial)
+        self._root = self._backend.create(self._partial)
+        self._root.attrs[_META_ATTR] = metadata
+        self._closed = False
+        self._error: Exception | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        # A daemon: a writer never closed must not keep the interpreter from exiting.
+        self._thread = threading.Thread(target=self._drain, name=f"write {self.path}", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def append(self, layer: int, component: str, batch: torch.Tensor) -> None:
+        """Queue the next tokens of one key; raises the background thread's error, if any."""
+        self._check_open()
+        key = check_key(layer, component)
+        if batch.ndim < 2:
+            raise ValueError(f"batch must be [..., channels], got shape {list(batch.shape)}")
+        batch = batch.detach().reshape(-1, batch.shape[-1]).to(self.dtype)
+        offset = self._rows.get(key, 0)
+        if offset + len(batch) > self.tokens:
+            raise ValueError(
+                f"layer {layer} {component}: {offset} + {len(batch)} tokens exceed the "
+                f"shard's {self.tokens}"
+            )
+        self.stats.update(layer, component, batch)
+        host = batch.to("cpu", copy=True, memory_format=torch.contiguous_format)
+        self._rows[key] = offset + len(batch)
+        self._queue.put((array_name(*key), offset, host.view(_DISK_VIEW[self.dtype]).numpy()))
+
+    def close(self) -> None:
+        """Finish writing, check every key got all tokens, mark complete and move into place."""
+        if self._closed:
+            return
+        try:
+            self._stop_thread()
+            self._raise_thread_error()
+            self._check_counts()
+            arrays = [
+                {"layer": layer, "component": component,
+                 "shape": [self.tokens, self.stats[layer, component].channels]}
+                for layer, component in self._rows
+            ]
+            self._root.attrs[_MARKER_ATTR] = json.dumps({"tokens": self.tokens, "arrays": arrays})
+        finally:
+            self._backend.close(self._root)
+            self._closed = True
+        self.stats.save(stats_path(self.path))
+        if self.path.exists():  # overwrite=True was given
+            _remove(self.path)
+        os.replace(self._partial, self.path)
+
+    def abort(self) -> None:
+        """Stop without completing: only ``<path>.partial`` remains, refused by ``open_store``."""
+        if self._closed:
+            return
+        self._stop_thread()
+        self._backend.close(self._root)
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the writer of {self.path} is closed")
+        self._raise_thread_error()
+
+    def _raise_thread_error(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"writing {self._partial} failed: {self._error!r}") from self._error
+
+    def _check_counts(self) -> None:
+        if not self._rows:
+            raise StoreError(f"{self.path}: no activations were appended")
+        short = [f"layer {k[0]} {k[1]}: {n}" for k, n in self._rows.items() if n != self.tokens]
+        if short:
+            raise StoreError(f"{self.path}: keys short of {self.tokens} tokens: {', '.join(short)}")
+
+    def _stop_thread(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _drain(self) -> None:
+        """The writer thread; after an error it still takes batches, so ``append`` never hangs."""
+        while (item := self._queue.get()) is not _STOP:
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except Exception as exc:  # handed to the caller at its next append or close
+                    self._error = exc
+
+    def _write(self, name: str, offset: int, rows: np.ndarray) -> None:
+        if name not in self._arrays:
+            array = self._backend.create_array(
+                self._root, name, (self.tokens, rows.shape[1]), (self._chunk_rows, rows.shape[1]),
+                rows.dtype,
+            )
+            array.attrs["dtype"] = _dtype_name(self.dtype)
+            self._arrays[name] = array
+        self._arrays[name][offset : offset + len(rows)] = rows
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class ActivationStore:
+    """A complete store opened for reading (see ``open_store``)."""
+
+    def __init__(self, path: Path, root: Any, backend: Backend, metadata: dict[str, Any],
+                 marker: dict[str, Any]) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.tokens: int = marker["tokens"]
+        self.dtype = STORED_DTYPES[metadata["dtype"]]
+        self._shapes = {(a["layer"], a["component"]): tuple(a["shape"]) for a in marker["arrays"]}
+        self._root = root
+        self._backend = backend
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._backend.close(self._root)
+
+    @property
+    def corpus(self) -> CorpusSlice:
+        return CorpusSlice(**self.metadata["corpus"])
+
+    def keys(self) -> list[Key]:
+        return sorted(self._shapes)
+
+    def shape(self, layer: int, component: str) -> tuple[int, int]:
+        return self._shapes[self._key(layer, component)]
+
+    def iter_chunks(
+        self, layer: int, component: str, rows: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """``[<= rows, channels]`` tensors in token order, checked before the first is read.
+
+        ``rows`` defaults to the chunk height, the cheapest read.
+        """
+        name = array_name(*self._key(layer, component))
+        array = self._root[name]
+        step = array.chunks[0] if rows is None else rows
+        if step < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        return self._read_blocks(name, array, step)
+
+    def _read_blocks(self, name: str, array: Any, step: int) -> Iterator[torch.Tensor]:
+        for start in range(0, self.tokens, step):
+            try:
+                block = array[start : start + step]
+            except Exception as exc:
+                raise StoreError(f"{self.path}: cannot read {name} at token {start}") from exc
+            yield torch.from_numpy(block).view(self.dtype)
+
+    def stats(self) -> StoreStats:
+        """The statistics its writer collected."""
+        return StoreStats.load(stats_path(self.path))
+
+    def _key(self, layer: int, component: str) -> Key:
+        key = (layer, component)
+        if key not in self._shapes:
+            raise KeyError(f"{self.path} has no layer {layer} component {component!r}")
+        return key
+
+
+def open_store(path: str | os.PathLike) -> ActivationStore:
+    """Open a complete store; ``StoreError`` names the path and what is wrong with it otherwise."""
+    path = Path(path)
+    backend = _backend(path)
+    if not path.exists():
+        if partial_path(path).exists():
+            raise StoreError(f"{path} is incomplete: its writer was interrupted, only "
+                             f"{partial_path(path)} exists")
+        raise FileNotFoundError(f"no store at {path}")
+    try:
+        root = backend.open(path)
+    except Exception as exc:
+        raise StoreError(f"{path}: cannot open as {path.suffix} store: {exc!r}") from exc
+    try:
+        metadata, marker = _read_attrs(path, root)
+        _check_arrays(path, root, backend, marker)
+    except BaseException:
+        backend.close(root)
+        raise
+    return ActivationStore(path, root, backend, metadata, marker)
+
+
+def _read_attrs(path: Path, root: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    if _MARKER_ATTR not in root.attrs:
+        raise StoreError(f"{path} has no completion marker: its writer did not finish")
+    metadata = json.loads(root.attrs[_META_ATTR])
+    if metadata.get("format") != STORE_FORMAT:
+        raise StoreError(f"{path}: format {metadata.get('format')!r}, expected {STORE_FORMAT!r}")
+    return metadata, json.loads(root.attrs[_MARKER_ATTR])
+
+
+def _check_arrays(path: Path, root: Any, backend: Backend, marker: dict[str, Any]) -> None:
+    """Catch truncation: every recorded array exists with its recorded shape and all its chunks."""
+    for entry in marker["arrays"]:
+        name = array_name(entry["layer"], entry["component"])
+        if name not in root:
+            raise StoreError(f"{path}: array {name} is missing (truncated or damaged store)")
+        array = root[name]
+        if list(array.shape) != entry["shape"]:
+            raise StoreError(
+                f"{path}: {name} has shape {list(array.shape)}, the completion marker records "
+                f"{entry['shape']} (truncated or damaged store)"
+            )
+        expected = math.prod(math.ceil(n / c) for n, c in zip(array.shape, array.chunks))
+        stored = backend.stored_chunks(array)
+        if stored != expected:
+            raise StoreError(
+                f"{path}: {name} stores {stored} of its {expected} chunks "
+                "(truncated or damaged store)"
+            )

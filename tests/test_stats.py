@@ -1,0 +1,188 @@
+"""Streaming statistics against numpy computed on the same stored (16-bit) values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actsparse.stats import (
+    EDGES,
+    NBINS,
+    OVERFLOW_BIN,
+    UNDERFLOW_BIN,
+    ZERO_BIN,
+    StoreStats,
+    TensorStats,
+)
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def activations(
+    dtype: torch.dtype, tokens: int = 300, channels: int = 24, seed: int = 0
+) -> torch.Tensor:
+    """Magnitudes over the whole histogram range and past it, zeros, and values at the edges."""
+    rng = np.random.default_rng(seed)
+    values = 10.0 ** rng.uniform(-11, 6, size=(tokens, channels))
+    values *= rng.choice([-1.0, 1.0], size=values.shape)
+    values[rng.random(values.shape) < 0.2] = 0.0
+    values.flat[: len(EDGES)] = EDGES  # the dtype's nearest values to the edges
+    values.flat[len(EDGES) : 2 * len(EDGES)] = -EDGES
+    return torch.from_numpy(values).to(dtype)
+
+
+def reference_hist(x: torch.Tensor) -> np.ndarray:
+    """Our bin layout built from np.histogram over [0, EDGES..., inf]."""
+    magnitudes = np.abs(x.to(torch.float64).numpy()).ravel()
+    counts, _ = np.histogram(magnitudes, np.concatenate([[0], EDGES, [np.inf]]))
+    below_first, *log_bins, overflow = counts
+    zeros = int((magnitudes == 0).sum())
+    return np.array([zeros, below_first - zeros, *log_bins, overflow])
+
+
+def stats_of(*batches: torch.Tensor) -> TensorStats:
+    stats = TensorStats.empty(batches[0].shape[1])
+    for batch in batches:
+        stats.update(batch)
+    return stats
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_matches_numpy_on_the_stored_values(dtype: torch.dtype) -> None:
+    x = activations(dtype)
+    stats = stats_of(*x.split(70))
+    values = x.to(torch.float64).numpy()
+
+    assert stats.hist.tolist() == reference_hist(x).tolist()
+    assert stats.zeros == int((values == 0).sum()) == stats.hist[ZERO_BIN]
+    assert stats.count == values.size and stats.tokens == len(values)
+    assert stats.hist[OVERFLOW_BIN] > 0
+    if dtype == torch.bfloat16:  # float16 holds no magnitude in (0, 6e-8)
+        assert stats.hist[UNDERFLOW_BIN] > 0
+    assert stats.zero_fraction == (values == 0).mean()
+    np.testing.assert_allclose(stats.sum_abs, np.abs(values).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.sum_sq, (values**2).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.channel_mean_abs(), np.abs(values).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.channel_mean_square(), (values**2).mean(0), rtol=1e-12)
+
+
+def test_edges_are_fixed_and_log_spaced() -> None:
+    assert len(EDGES) == 121 and NBINS == 123
+    assert EDGES[0] == 1e-8 and EDGES[-1] == 1e4
+    np.testing.assert_allclose(np.diff(np.log10(EDGES)), 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cdf_is_the_exact_fraction_below_each_edge(dtype: torch.dtype) -> None:
+    x = activations(dtype)
+    stats = stats_of(x)
+    magnitudes = np.abs(x.to(torch.float64).numpy()).ravel()
+    below_edges = (magnitudes[:, None] < EDGES).mean(0)
+
+    np.testing.assert_allclose(stats.cdf_at(EDGES), below_edges, rtol=1e-12)
+    assert stats.cdf_at(0.0) == 0.0
+    assert stats.cdf_at(1e-30) == pytest.approx((magnitudes == 0).mean())
+    assert stats.cdf_at(1e9) == stats.cdf_at(EDGES[-1]) < 1  # overflow never counts as below
+
+
+def test_cdf_interpolates_inside_a_bin() -> None:
+    stats = stats_of(activations(torch.bfloat16))
+    lo, hi = EDGES[50], EDGES[51]
+    mid = np.sqrt(lo * hi)  # halfway in log10
+    cdf_lo, cdf_mid, cdf_hi = stats.cdf_at([lo, mid, hi])
+    assert cdf_lo < cdf_hi
+    assert cdf_mid == pytest.approx((cdf_lo + cdf_hi) / 2)
+    cdf = stats.cdf_at(np.logspace(-12, 8, 500))
+    assert np.all(np.diff(cdf) >= 0)
+
+
+def test_merge_equals_stats_over_both_shards() -> None:
+    a, b = activations(torch.bfloat16, seed=1), activations(torch.bfloat16, seed=2)
+    shard_a, shard_b, both = StoreStats(), StoreStats(), StoreStats()
+    shard_a.update(0, "act", a)
+    shard_b.update(0, "act", b)
+    shard_b.update(3, "up", b)  # a key only one shard has
+    both.update(0, "act", torch.cat([a, b]))
+    both.update(3, "up", b)
+
+    shard_a.merge(shard_b)
+    assert list(shard_a) == list(both) == [(0, "act"), (3, "up")]
+    for key in both:
+        assert shard_a[key].hist.tolist() == both[key].hist.tolist()
+        np.testing.assert_allclose(shard_a[key].sum_abs, both[key].sum_abs, rtol=1e-12)
+        np.testing.assert_allclose(shard_a[key].sum_sq, both[key].sum_sq, rtol=1e-12)
+
+
+def test_merge_refuses_other_channel_counts() -> None:
+    with pytest.raises(ValueError, match="merge 8 channels into 24"):
+        stats_of(activations(torch.float16)).merge(TensorStats.empty(8))
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    stats = StoreStats()
+    stats.update(2, "gate", activations(torch.float16))
+    stats.update(0, "h", activations(torch.bfloat16, channels=7))
+    path = tmp_path / "shard-0.stats.safetensors"
+    stats.save(path)
+    loaded = StoreStats.load(path)
+
+    assert list(loaded) == [(0, "h"), (2, "gate")]
+    for key in stats:
+        for part in ("hist", "sum_abs", "sum_sq"):
+            assert np.array_equal(getattr(loaded[key], part), getattr(stats[key], part))
+    assert not path.with_name(path.name + ".partial").exists()
+
+
+def test_load_refuses_a_foreign_file(tmp_path) -> None:
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"edges": EDGES}, path, metadata={"format": "something else"})
+    with pytest.raises(ValueError, match="not an actsparse.stats/1 file"):
+        StoreStats.load(path)
+
+
+def test_refused_batches_change_nothing() -> None:
+    stats = StoreStats()
+    x = activations(torch.float16)
+    stats.update(1, "act", x)
+    before = stats[(1, "act")].hist.copy()
+    poisoned = x.clone()
+    poisoned[3, 4] = float("nan")
+
+    with pytest.raises(ValueError, match=r"layer 1 act: batch holds 1 NaN"):
+        stats.update(1, "act", poisoned)
+    with pytest.raises(ValueError, match="stored values"):
+        stats.update(1, "act", x.float())
+    with pytest.raises(ValueError, match="12 channels, earlier ones 24"):
+        stats.update(1, "act", x[:, :12])
+    with pytest.raises(ValueError, match="unknown component 'actt'"):
+        stats.update(1, "actt", x)
+    with pytest.raises(ValueError, match="2-D"):
+        stats.update(2, "act", x[0])
+    assert np.array_equal(stats[(1, "act")].hist, before)
+    assert list(stats) == [(1, "act")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_update_on_the_gpu_equals_the_cpu() -> None:
+    x = activations(torch.bfloat16)
+    on_cpu, on_gpu = stats_of(x), stats_of(x.cuda())
+    assert on_gpu.hist.tolist() == on_cpu.hist.tolist()
+    np.testing.assert_allclose(on_gpu.sum_abs, on_cpu.sum_abs, rtol=1e-12)
+    np.testing.assert_allclose(on_gpu.sum_sq, on_cpu.sum_sq, rtol=1e-12)
+
+
+def test_layer_must_be_a_non_negative_integer() -> None:
+    stats = StoreStats()
+    stats.update(np.int64(2), "up", activations(torch.float16))
+    assert list(stats) == [(2, "up")]
+    for layer in (-1, 1.0, True, "0"):
+        with pytest.raises(ValueError, match="layer must be a non-negative int"):
+            stats.update(layer, "up", activations(torch.float16))
+
+
+def test_empty_stats_refuse_fractions() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        TensorStats.empty(4).cdf_at(1.0)
