@@ -1,0 +1,234 @@
+"""Exact quantiles of float32 values streamed in chunks, in memory independent of their number.
+
+Thresholds are percentiles of |v| over every calibration value of a (layer, component), which
+can be billions of values spread over on-disk shards. Sorting them all is out of the question,
+and an approximate sketch would make the fitted sparsity depend on the sketch. Instead two
+passes over the data recover the exact order statistics:
+
+* pass 1 counts values by the top 16 bits of their float32 bit pattern (sign, exponent and 7
+  mantissa bits: 65,536 buckets). The buckets of finite floats are ordered like the values
+  (negative buckets in reverse), so the cumulative counts tell which bucket holds each needed
+  rank.
+* pass 2 counts, for those few buckets only, the low 16 bits, which pins down the exact bit
+  pattern, so the exact float32 value, of every needed rank.
+
+Definition (numpy's default "linear" method, Hyndman & Fan type 7). For ``n`` values and a
+quantile ``q`` in [0, 1], let ``q' = (100 * q) / 100`` in float64 (the round trip through a
+percentage that ``numpy.percentile(values, 100 * q)`` performs), ``v = (n - 1) * q'``,
+``i = floor(v)``. With ``x_(k)`` the k-th smallest float32 value (0-based) and ``a = x_(i)``,
+``b = x_(i + 1)`` (both ``x_(n - 1)`` when ``v >= n - 1``, and then numpy's ``i = -1``):
+``d = b - a`` in float32, ``g = v - i`` in float64, and the result is ``a + d * g`` when
+``g < 0.5`` and ``b - d * (1 - g)`` otherwise, in float64. This is, bit for bit, what
+``numpy.percentile(values_as_float32, 100 * numpy.asarray(qs))`` returns. Two consequences of
+reproducing numpy exactly: +-inf values give inf or NaN where numpy does, and -0.0 and 0.0 are
+distinct order statistics here (-0.0 first) while numpy leaves their order to its partition, so
+a zero result may differ from numpy's in sign only.
+
+Memory: 512 KiB for the pass-1 counts plus 512 KiB per distinct bucket holding a needed rank
+(at most two per q, usually one; twice that while a large chunk is added), plus a few copies of
+the current chunk, whatever the number of values.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+Chunk = np.ndarray | torch.Tensor
+
+_BUCKETS = 1 << 16
+_SIGN_BUCKET = 0x8000  # first bucket of negative values (sign bit set)
+# Position of the high and low 16-bit halves of a float32 seen as two uint16.
+_HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)
+# Bucket ids in value order: negative buckets from the most negative (0xFFFF) down to -0.0's
+# bucket (0x8000), then positive buckets upwards.
+_BUCKETS_IN_ORDER = np.concatenate(
+    [np.arange(_BUCKETS - 1, _SIGN_BUCKET - 1, -1), np.arange(_SIGN_BUCKET)]
+)
+
+
+def _float32_flat(chunk: Chunk) -> np.ndarray:
+    """Flat native float32 numpy view of a chunk, copying (at most once) only when it must."""
+    if isinstance(chunk, torch.Tensor):
+        if chunk.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"chunk dtype {chunk.dtype} is not float32, float16 or bfloat16")
+        return chunk.detach().to("cpu", torch.float32).reshape(-1).numpy()
+    array = np.asarray(chunk)
+    if array.dtype.kind != "f" or array.dtype.itemsize > 4:  # any byte order
+        raise TypeError(
+            f"chunk dtype {array.dtype} is not float32 or float16: quantiles are exact on float32"
+            " values, so cast explicitly if rounding is intended"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+
+
+def _halves(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """High and low 16 bits of each float32 bit pattern, as strided views (no copy)."""
+    words = values.view(np.uint16)
+    return words[_HI::2], words[_LO::2]
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """numpy's quantile interpolation, same operations in the same dtypes (see module doc)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = b - a
+        out = a + d * g
+        np.subtract(b, d * (1 - g), out=out, where=g >= 0.5)
+    return out
+
+
+class QuantileSketch:
+    """Exact quantiles of one stream of values, fed chunk by chunk in two passes.
+
+    Feed every chunk to ``add_pass1``, then the same values again (any chunking, any order) to
+    ``add_pass2``, then call ``result``. Sketches of the same qs fed with different shards merge
+    with ``merge``: in pass 1 before pass 2 starts, or in pass 2 when they share one pass-1
+    state (the merged one). Many sketches can be fed from one sweep over a store.
+    """
+
+    def __init__(self, qs: Sequence[float]) -> None:
+        q = np.asarray(qs, dtype=np.float64).reshape(-1)
+        if q.size == 0:
+            raise ValueError("qs is empty")
+        if not np.all((q >= 0) & (q <= 1)):
+            raise ValueError(f"every q must lie in [0, 1], got {q.tolist()}")
+        self.qs = q
+        self._q_percentile = np.true_divide(q * 100, 100)
+        self._counts = np.zeros(_BUCKETS, dtype=np.int64)
+        self._pass2: _Pass2 | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of values seen in pass 1."""
+        return int(self._counts.sum())
+
+    def add_pass1(self, chunk: Chunk) -> None:
+        """Count a chunk's values by bucket; NaN is refused since it has no rank."""
+        if self._pass2 is not None:
+            raise RuntimeError("add_pass1 after pass 2 started")
+        values = _float32_flat(chunk)
+        if np.isnan(values).any():
+            raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
+        self._counts += np.bincount(_halves(values)[0], minlength=_BUCKETS)
+
+    @property
+    def needed_buckets(self) -> np.ndarray:
+        """Buckets (top 16 bits of float32 bit patterns) pass 2 counts, in value order.
+
+        Asking ends pass 1: the buckets depend on the final pass-1 counts.
+        """
+        return self._start_pass2().buckets
+
+    def add_pass2(self, chunk: Chunk) -> None:
+        """Count the low 16 bits of a chunk's values that fall in a needed bucket."""
+        self._start_pass2().add(_float32_flat(chunk))
+
+    def merge(self, other: QuantileSketch) -> None:
+        """Add another sketch's counts (another shard of the same stream) into this one."""
+        if not np.array_equal(self.qs, other.qs):
+            raise ValueError("cannot merge sketches of different qs")
+        if self._pass2 is None and other._pass2 is None:
+            self._counts += other._counts
+        elif self._pass2 is not None and other._pass2 is not None:
+            if not np.array_equal(self._counts, other._counts):
+                raise ValueError("cannot merge pass-2 sketches built on different pass-1 counts")
+            self._pass2.merge(other._pass2)
+        else:
+            raise ValueError("cannot merge a sketch in pass 1 with one in pass 2")
+
+    def result(self) -> np.ndarray:
+        """One float64 per q, equal to numpy.percentile(values, 100 * qs) (see module doc)."""
+        pass2 = self._start_pass2()
+        v, lower, upper = self._indices(pass2.expected_total)
+        a = pass2.order_statistics(lower)
+        b = pass2.order_statistics(upper)
+        return _lerp(a, b, v - lower)
+
+    def _indices(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """numpy's virtual index and its two neighbours, -1 (the last value) past the end."""
+        v = (n - 1) * self._q_percentile
+        above = v >= n - 1
+        lower = np.where(above, -1, np.floor(v)).astype(np.int64)
+        return v, lower, np.where(above, -1, lower + 1)
+
+    def _start_pass2(self) -> _Pass2:
+        """Freeze the pass-1 counts and set up pass 2 for the ranks numpy reads."""
+        if self._pass2 is None:
+            n = self.count
+            if n == 0:
+                raise ValueError("no values: quantiles of an empty input are undefined")
+            self._pass2 = _Pass2(self._counts, np.concatenate(self._indices(n)[1:]))
+        return self._pass2
+
+
+class _Pass2:
+    """Low-16-bit counts of the buckets holding the needed ranks, and the ranks' lookup."""
+
+    def __init__(self, counts: np.ndarray, ranks: np.ndarray) -> None:
+        ordered = counts[_BUCKETS_IN_ORDER]
+        self._ends = np.cumsum(ordered)  # values up to and including each bucket, in order
+        self.expected_total = int(self._ends[-1])
+        ranks = ranks % self.expected_total
+        self._positions = np.unique(self._ends.searchsorted(ranks, side="right"))
+        self.buckets = _BUCKETS_IN_ORDER[self._positions]
+        self._expected = ordered[self._positions]
+        self._slot_of_bucket = np.zeros(_BUCKETS, np.min_scalar_type(len(self.buckets)))
+        self._slot_of_bucket[self.buckets] = np.arange(1, len(self.buckets) + 1)
+        self._low_counts = np.zeros((len(self.buckets), _BUCKETS), dtype=np.int64)
+        self._total = 0
+
+    def add(self, values: np.ndarray) -> None:
+        high, low = _halves(values)
+        slots = np.take(self._slot_of_bucket, high)
+        hits = np.flatnonzero(slots)
+        keys = (slots[hits].astype(np.intp) - 1) << 16 | low[hits]
+        flat = self._low_counts.reshape(-1)
+        if keys.size * 16 < flat.size:  # few hits: cheaper than a full-size count array
+            np.add.at(flat, keys, 1)
+        else:
+            flat += np.bincount(keys, minlength=flat.size)
+        self._total += values.size
+
+    def merge(self, other: _Pass2) -> None:
+        self._low_counts += other._low_counts
+        self._total += other._total
+
+    def order_statistics(self, ranks: np.ndarray) -> np.ndarray:
+        """float32 values of the given 0-based ranks (-1: the last), from both passes' counts."""
+        self._check_complete()
+        ranks = ranks % self.expected_total
+        slots = self._positions.searchsorted(self._ends.searchsorted(ranks, side="right"))
+        offsets = ranks - (self._ends[self._positions] - self._expected)[slots]
+        bits = [self._bits(slot, offset) for slot, offset in zip(slots, offsets)]
+        return np.array(bits, dtype=np.uint32).view(np.float32)
+
+    def _bits(self, slot: int, offset: int) -> int:
+        """Bit pattern of the value ``offset`` places (0-based) into needed bucket ``slot``."""
+        bucket = int(self.buckets[slot])
+        negative = bucket >= _SIGN_BUCKET  # larger low bits are smaller values
+        in_order = self._low_counts[slot][::-1] if negative else self._low_counts[slot]
+        low = int(np.cumsum(in_order).searchsorted(offset, side="right"))
+        return bucket << 16 | (_BUCKETS - 1 - low if negative else low)
+
+    def _check_complete(self) -> None:
+        """Pass 2 must have seen exactly pass 1's values, else the ranks point at wrong values."""
+        seen = self._low_counts.sum(axis=1)
+        if self._total != self.expected_total or not np.array_equal(seen, self._expected):
+            raise ValueError(
+                f"pass 2 saw {self._total} values ({seen.tolist()} in the needed buckets) where"
+                f" pass 1 saw {self.expected_total} ({self._expected.tolist()}): feed the same"
+                " values to both passes"
+            )
+
+
+def exact_quantiles(chunks: Callable[[], Iterable[Chunk]], qs: Sequence[float]) -> np.ndarray:
+    """Exact quantiles (one float64 per q) of every value ``chunks()`` yields; called twice."""
+    sketch = QuantileSketch(qs)
+    for chunk in chunks():
+        sketch.add_pass1(chunk)
+    for chunk in chunks():
+        sketch.add_pass2(chunk)
+    return sketch.result()
