@@ -1,0 +1,541 @@
+"""Threshold fitting for the sparsification methods, from calibration activation stores.
+
+A method turns calibration data (the complete shard stores of one collection and their merged
+statistics) into one threshold per (layer, component) for every requested sparsity ``s``: a
+scalar, or a per-channel vector for channel-wise methods. The sparsifier zeroes ``v`` where
+``|v| < t``. ``P_s(x)`` below is ``numpy.percentile(x, 100 * s)`` (method "linear") over the
+float32 values converted from the stored float16/bfloat16 values, reproduced exactly.
+
+* ``layer`` (Dhar et al.): ``t = P_s(|v|)`` per layer and component; components from
+  ``params["components"]``, default gate, up and h.
+* ``cats``: ``t = P_s(|act|)`` per layer.
+* ``chess``: channel-wise on ``act``. ``m_c = mean |up_c|`` over all calibration tokens (merged
+  statistics of every shard), importance ``|a| * m_c`` in float32, per-layer ``T = P_s(importance)``,
+  ``t_c = T / m_c``. A channel with ``m_c = 0`` gets ``t_c = inf`` when ``T > 0`` and 0 when
+  ``T = 0``: exactly "zero ``a`` where ``|a| * m_c < T``", so such a channel (whose ``h = a * u``
+  was 0 on every calibration token) is dropped whenever anything is, and the calibration sparsity
+  still meets the target.
+* ``chess+``: chess, plus ``t = P_s(|attn_in|)`` and ``t = P_s(|o_in|)`` per layer; its masking
+  keeps k and v dense (``kv_dense``), which a fused qkv projection (Phi-3) cannot do.
+* ``teal``: ``t = P_s(|v|)`` on ffn_in, h, attn_in and o_in, the inputs of all seven projections,
+  one uniform sparsity.
+
+Non-gated FFNs (OPT, Phi-2; fit with ``gated=False``) have no ``up``: ``layer``'s default drops it
+(gate is then the fc1 output, h the fc2 input), ``cats`` is unchanged (``act`` feeds fc2), and
+``chess`` uses ``m_c = 1``: every channel gets cats' threshold, as a vector. Naming ``up``
+explicitly for a non-gated model is an error.
+
+Sparsity 0 gives ``t = 0`` everywhere: ``P_0`` is the calibration minimum, which would still zero
+smaller evaluation values.
+
+Quantile modes (chess and chess+): ``exact`` takes one quantile over all calibration tokens;
+``per_sample`` follows the CHESS reference code: a quantile per calibration sample, the
+consecutive blocks of ``seq_len`` tokens of each shard (a shard's last block may be shorter),
+averaged with equal weight. ``quantile_mode_difference`` compares the two.
+
+Streaming: exact quantiles come from ``QuantileSketch`` in two passes that read every needed
+array of every store once each, all sparsity levels answered by the same two passes. Pass 1
+sweeps all keys of one store, then the next store. Pass 2 needs 512 KiB per distinct 16-bit
+bucket holding a needed rank, about one per level and key (5 MiB a key for 9 levels, 50 MiB
+for the 100-level ``GRID``), so it sweeps the stores once per group of keys whose counts fit
+``_PASS2_BYTES``: one group for a few levels, several for the grid, with no array read twice.
+Memory does not grow with the calibration tokens: 512 KiB per key for pass 1, one group's
+pass-2 counts, and one read block of about ``_READ_VALUES`` values.
+
+Threshold files: safetensors, one float64 tensor ``layers.{i}.{component}`` per key (0-d or a
+per-channel vector; float64 is numpy.percentile's result, kept unrounded) and, in the header,
+every metadata entry JSON-encoded beside ``format``. Grid files (``save_grid``) hold every level
+of one fit the same way, each tensor with the levels stacked on a leading dimension, and the
+levels in the header entry ``sparsities``.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from actsparse.anatomy import COMPONENTS
+from actsparse.quantiles import QuantileSketch
+from actsparse.stats import Key, StoreStats, check_key
+from actsparse.store import ActivationStore, open_store
+
+Thresholds = dict[Key, torch.Tensor]
+Transform = Callable[[torch.Tensor], torch.Tensor]  # stored chunk -> float32 values to rank
+
+THRESHOLDS_FORMAT = "actsparse.thresholds/1"
+GRID_FORMAT = "actsparse.threshold-grid/1"
+# Every sparsity a two-decimal label can name: fitting them all at once means adding a level to
+# an experiment never refits.
+GRID = tuple(round(k / 100, 2) for k in range(100))
+QUANTILE_MODES = ("exact", "per_sample")
+QUANTILE_DEFINITION = (
+    "numpy.percentile(values, 100 * s), method 'linear' (Hyndman-Fan type 7), on float32 values "
+    "converted from the stored dtype"
+)
+_READ_VALUES = 1 << 20  # values per read: large enough to amortise per-call costs
+_BUCKET_BYTES = 8 << 16  # pass-2 counts of one needed bucket of a QuantileSketch
+_PASS2_BYTES = 1 << 29  # pass-2 counts held at once; past it, pass 2 sweeps the keys in groups
+_NAME = re.compile(r"layers\.(\d+)\.(\w+)")
+
+
+class MissingComponentError(ValueError):
+    """The calibration stores lack a component the method needs."""
+
+
+class ThresholdFileError(ValueError):
+    """A thresholds file is damaged or is not one."""
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a method needs from collection and gives the sparsifier, for one model."""
+
+    collect: tuple[str, ...]  # components to capture into the calibration stores
+    masks: tuple[str, ...]  # components its thresholds zero (the keys of the fitted thresholds)
+    kv_dense: bool  # pass to hooks.apply_thresholds
+
+
+@dataclass(frozen=True)
+class _Options:
+    """A method's parameters, validated."""
+
+    method: str
+    masks: tuple[str, ...]
+    gated: bool
+    quantile_mode: str = "exact"
+    seq_len: int | None = None
+
+
+class Calibration:
+    """Complete shard stores of one collection, opened for reading, and their merged statistics."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
+        if isinstance(paths, (str, os.PathLike)) or not paths:
+            raise ValueError(f"store_paths must be a non-empty list of store paths, got {paths!r}")
+        self.stores: list[ActivationStore] = []
+        try:
+            for path in paths:
+                self.stores.append(open_store(path))
+            self.stats = StoreStats()
+            for store in self.stores:
+                self.stats.merge(store.stats())
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Calibration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+    @property
+    def tokens(self) -> int:
+        return sum(store.tokens for store in self.stores)
+
+    def keys(self, components: Iterable[str], method: str) -> list[Key]:
+        """Every (layer, component) of the given components, checked to be in every store."""
+        return [(layer, c) for c in components for layer in self.layers(c, method)]
+
+    def layers(self, component: str, method: str) -> list[int]:
+        per_store = [[layer for layer, c in store.keys() if c == component] for store in self.stores]
+        lacking = [str(store.path) for store, layers in zip(self.stores, per_store) if not layers]
+        if lacking:
+            held = sorted({c for store in self.stores for _, c in store.keys()})
+            raise MissingComponentError(
+                f"method {method!r} needs component {component!r}, which the stores {lacking} lack "
+                f"(they hold {held}); collect it (see requirements())"
+            )
+        if any(layers != per_store[0] for layers in per_store):
+            raise ValueError(f"the stores hold {component!r} for different layers: {per_store}")
+        return per_store[0]
+
+
+FitFn = Callable[[Calibration, np.ndarray, _Options], dict[Key, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: the fit and what the method touches (for a gated model)."""
+
+    fit: FitFn  # per key, thresholds shaped [levels] or [levels, channels]
+    masks: tuple[str, ...]  # components it zeroes (layer: the default of params["components"])
+    reads: tuple[str, ...] = ()  # components collected only to fit (chess: up, for m_c)
+    kv_dense: bool = False
+    params: tuple[str, ...] = ()  # the params it accepts
+
+
+def _magnitude(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk.abs().to(torch.float32)  # abs first: exact in 16 bits, and half the bytes
+
+
+def _importance(scale: torch.Tensor) -> Transform:
+    """CHESS's |a| * m_c, computed chunk by chunk in float32."""
+    return lambda chunk: _magnitude(chunk).mul_(scale)
+
+
+def _read_rows(store: ActivationStore, key: Key) -> int:
+    """Whole stored chunks adding up to about ``_READ_VALUES`` values, so no chunk is read twice."""
+    block = store.metadata["token_block"]
+    return block * max(1, _READ_VALUES // (block * store.shape(*key)[1]))
+
+
+def _sweep(
+    stores: Sequence[ActivationStore], streams: Mapping[Key, Transform], rows: int | None = None
+) -> Iterator[tuple[ActivationStore, Key, torch.Tensor]]:
+    """Every stream's values, reading each array once, store after store."""
+    for store in stores:
+        for key, transform in streams.items():
+            for chunk in store.iter_chunks(*key, rows=rows or _read_rows(store, key)):
+                yield store, key, transform(chunk)
+
+
+def _nan_error(store: ActivationStore, key: Key) -> ValueError:
+    return ValueError(f"{store.path}: layer {key[0]} {key[1]!r} holds NaN values")
+
+
+def _pass2_groups(sketches: dict[Key, QuantileSketch]) -> Iterator[list[Key]]:
+    """Keys in groups whose pass-2 counts fit ``_PASS2_BYTES`` (one key at least), each group
+    formed only when the previous one is done, so one group's counts (and one key's) exist at once."""
+    group: list[Key] = []
+    size = 0
+    for key in list(sketches):  # keys only: the caller drops each finished group's sketches
+        need = len(sketches[key].needed_buckets) * _BUCKET_BYTES  # sets up this key's pass 2
+        if group and size + need > _PASS2_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(key)
+        size += need
+    yield group
+
+
+def _exact_quantiles(
+    stores: Sequence[ActivationStore], streams: Mapping[Key, Transform], qs: np.ndarray
+) -> dict[Key, np.ndarray]:
+    sketches = {key: QuantileSketch(qs) for key in streams}
+    for store, key, values in _sweep(stores, streams):
+        try:
+            sketches[key].add_pass1(values)  # refuses NaN
+        except ValueError as exc:
+            raise _nan_error(store, key) from exc
+    results = {}
+    for group in _pass2_groups(sketches):
+        for _, key, values in _sweep(stores, {key: streams[key] for key in group}):
+            sketches[key].add_pass2(values)
+        results |= {key: sketches[key].result() for key in group}
+        for key in group:
+            del sketches[key]  # frees its pass-2 counts before the next group's are made
+    return results
+
+
+def _per_sample_quantiles(
+    stores: Sequence[ActivationStore], streams: Mapping[Key, Transform], qs: np.ndarray, seq_len: int
+) -> dict[Key, np.ndarray]:
+    per_sample: dict[Key, list[np.ndarray]] = defaultdict(list)
+    for store, key, values in _sweep(stores, streams, rows=seq_len):
+        quantiles = np.percentile(values.numpy(), 100 * qs)
+        if np.isnan(quantiles).any():
+            raise _nan_error(store, key)
+        per_sample[key].append(quantiles)
+    return {key: np.mean(quantiles, axis=0) for key, quantiles in per_sample.items()}
+
+
+def _quantiles(
+    calib: Calibration, streams: Mapping[Key, Transform], qs: np.ndarray, opts: _Options
+) -> dict[Key, np.ndarray]:
+    if opts.quantile_mode == "per_sample":
+        return _per_sample_quantiles(calib.stores, streams, qs, opts.seq_len)
+    return _exact_quantiles(calib.stores, streams, qs)
+
+
+def _fit_magnitudes(calib: Calibration, qs: np.ndarray, opts: _Options) -> dict[Key, np.ndarray]:
+    streams = {key: _magnitude for key in calib.keys(opts.masks, opts.method)}
+    return _quantiles(calib, streams, qs, opts)
+
+
+def _chess_scales(calib: Calibration, opts: _Options) -> dict[int, torch.Tensor]:
+    """m_c per layer, float32 as it multiplies |a|; all ones for a non-gated FFN."""
+    layers = calib.layers("act", opts.method)
+    if not opts.gated:
+        if any(c == "up" for store in calib.stores for _, c in store.keys()):
+            raise ValueError("the stores hold 'up', so the model is gated: fit with gated=True")
+        return {layer: torch.ones(calib.stats[layer, "act"].channels) for layer in layers}
+    missing = sorted(set(layers) - set(calib.layers("up", opts.method)))
+    if missing:
+        raise MissingComponentError(f"method {opts.method!r} needs 'up' of layers {missing} for m_c")
+    scales = {}
+    for layer in layers:
+        scale = calib.stats[layer, "up"].channel_mean_abs()
+        if not np.isfinite(scale).all():
+            raise ValueError(
+                f"layer {layer} up: mean |u| is not finite (values past float16's range were "
+                "stored as inf: store bfloat16)"
+            )
+        if len(scale) != calib.stats[layer, "act"].channels:
+            raise ValueError(f"layer {layer}: up and act differ in channels")
+        scales[layer] = torch.from_numpy(scale.astype(np.float32))
+    return scales
+
+
+def _chess_streams(calib: Calibration, opts: _Options) -> tuple[dict[Key, Transform], dict[int, torch.Tensor]]:
+    """Importance streams of act, magnitude streams of the other masked components, and m_c."""
+    scales = _chess_scales(calib, opts)
+    streams: dict[Key, Transform] = {(layer, "act"): _importance(m) for layer, m in scales.items()}
+    others = [c for c in opts.masks if c != "act"]
+    streams |= {key: _magnitude for key in calib.keys(others, opts.method)}
+    return streams, scales
+
+
+def _channel_thresholds(scores: np.ndarray, scale: torch.Tensor) -> np.ndarray:
+    """t_c = T / m_c per level; m_c = 0 gives inf (T > 0) or 0 (T = 0), see the module doc."""
+    m = scale.numpy().astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = scores[:, None] / m
+    return np.where((m == 0) & (scores[:, None] == 0), 0.0, t)
+
+
+def _fit_chess(calib: Calibration, qs: np.ndarray, opts: _Options) -> dict[Key, np.ndarray]:
+    streams, scales = _chess_streams(calib, opts)
+    fitted = _quantiles(calib, streams, qs, opts)
+    for layer, scale in scales.items():
+        fitted[layer, "act"] = _channel_thresholds(fitted[layer, "act"], scale)
+    return fitted
+
+
+_CHESS_PARAMS = ("quantile_mode", "seq_len")
+
+METHODS: dict[str, Method] = {
+    "layer": Method(_fit_magnitudes, masks=("gate", "up", "h"), params=("components",)),
+    "cats": Method(_fit_magnitudes, masks=("act",)),
+    "chess": Method(_fit_chess, masks=("act",), reads=("up",), params=_CHESS_PARAMS),
+    "chess+": Method(
+        _fit_chess, masks=("act", "attn_in", "o_in"), reads=("up",), kv_dense=True, params=_CHESS_PARAMS
+    ),
+    "teal": Method(_fit_magnitudes, masks=("ffn_in", "h", "attn_in", "o_in")),
+}
+
+
+def method_named(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None
+
+
+def _masks(name: str, method: Method, components: Iterable[str] | None, gated: bool) -> tuple[str, ...]:
+    if components is None:
+        return tuple(c for c in method.masks if gated or c != "up")
+    components = tuple(components)
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        raise ValueError(f"method {name!r}: components must be some of {list(COMPONENTS)}, got {list(components)}")
+    if not gated and "up" in components:
+        raise ValueError(f"method {name!r}: a non-gated FFN has no 'up' component")
+    return components
+
+
+def _options(name: str, params: Mapping[str, Any] | None, gated: bool) -> _Options:
+    method = method_named(name)
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(method.params))
+    if unknown:
+        raise ValueError(f"method {name!r} takes no params {unknown}; it takes {list(method.params)}")
+    mode = params.get("quantile_mode", "exact")
+    if mode not in QUANTILE_MODES:
+        raise ValueError(f"quantile_mode must be one of {QUANTILE_MODES}, got {mode!r}")
+    seq_len = params.get("seq_len")
+    if mode == "per_sample" and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise ValueError(f"quantile_mode 'per_sample' needs seq_len, a positive int, got {seq_len!r}")
+    return _Options(name, _masks(name, method, params.get("components"), gated), gated, mode, seq_len)
+
+
+def requirements(method: str, params: Mapping[str, Any] | None = None, *, gated: bool = True) -> Requirements:
+    """Which components to collect and mask, and whether k/v stay dense, for a model."""
+    opts = _options(method, params, gated)
+    reads = tuple(c for c in method_named(method).reads if gated and c not in opts.masks)
+    return Requirements(collect=opts.masks + reads, masks=opts.masks, kv_dense=method_named(method).kv_dense)
+
+
+def _levels(sparsities: Iterable[float]) -> np.ndarray:
+    """Sorted distinct levels, each in [0, 1)."""
+    values = list(sparsities)
+    if not values:
+        raise ValueError("no sparsity levels given")
+    bad = [s for s in values if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 <= s < 1]
+    if bad:
+        raise ValueError(f"sparsity levels must lie in [0, 1), got {bad}")
+    return np.unique(np.asarray(values, dtype=np.float64))
+
+
+def fit(
+    method: str,
+    store_paths: Sequence[str | os.PathLike],
+    sparsities: Iterable[float],
+    params: Mapping[str, Any] | None = None,
+    *,
+    gated: bool = True,
+) -> dict[float, Thresholds]:
+    """Thresholds of every (layer, masked component) for each sparsity, from two passes over the stores.
+
+    ``gated`` says whether the model's FFN is gated (``Anatomy.gated``); see the module doc for
+    what each method means without ``up``.
+    """
+    opts = _options(method, params, gated)
+    levels = _levels(sparsities)
+    with Calibration(store_paths) as calib:
+        fitted = method_named(method).fit(calib, levels, opts)
+    for key, values in fitted.items():
+        if np.isnan(values).any():
+            raise ValueError(f"layer {key[0]} {key[1]!r}: a threshold is NaN (inf values in the stores)")
+    return {
+        float(s): {key: torch.tensor(np.zeros_like(v[i]) if s == 0 else v[i]) for key, v in fitted.items()}
+        for i, s in enumerate(levels)
+    }
+
+
+def quantile_mode_difference(
+    store_paths: Sequence[str | os.PathLike], sparsities: Iterable[float], seq_len: int, *, gated: bool = True
+) -> list[dict[str, float]]:
+    """CHESS's per-layer score T in both quantile modes and ``|per_sample - exact| / exact``.
+
+    One row per layer and sparsity; T before the sparsity-0 rule. Equal values give 0, a zero
+    exact T with a nonzero per-sample one gives inf.
+    """
+    exact = _options("chess", None, gated)
+    sampled = _options("chess", {"quantile_mode": "per_sample", "seq_len": seq_len}, gated)
+    levels = _levels(sparsities)
+    with Calibration(store_paths) as calib:
+        streams, _ = _chess_streams(calib, exact)
+        by_exact = _quantiles(calib, streams, levels, exact)
+        by_sample = _quantiles(calib, streams, levels, sampled)
+    rows = []
+    for (layer, _), e in sorted(by_exact.items()):
+        p = by_sample[layer, "act"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(p == e, 0.0, np.abs(p - e) / e)
+        rows += [
+            {"layer": layer, "target_sparsity": float(s), "exact": float(e[i]), "per_sample": float(p[i]),
+             "relative_difference": float(relative[i])}
+            for i, s in enumerate(levels)
+        ]
+    return rows
+
+
+def fit_metadata(
+    method: str,
+    sparsity: float,
+    store_paths: Sequence[str | os.PathLike],
+    params: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The header of one fitted thresholds file (pass to ``save_thresholds``)."""
+    mode = _options(method, params, gated=True).quantile_mode
+    with Calibration(store_paths) as calib:
+        tokens = calib.tokens
+    return {
+        "method": method,
+        "target_sparsity": float(sparsity),
+        "calibration_tokens": tokens,
+        "quantile_definition": QUANTILE_DEFINITION,
+        "quantile_mode": mode,
+        "params": dict(params or {}),
+        "provenance": dict(provenance or {}),
+    }
+
+
+def tensor_name(layer: int, component: str) -> str:
+    return f"layers.{layer}.{component}"
+
+
+def save_thresholds(path: str | os.PathLike, thresholds: Mapping[Key, Any], metadata: Mapping[str, Any]) -> None:
+    """One sparsity's thresholds: per key a 0-d scalar or a per-channel vector."""
+    tensors = {}
+    for key, value in thresholds.items():
+        t = torch.as_tensor(value, dtype=torch.float64)
+        if t.dim() > 1:
+            raise ValueError(f"threshold {key} must be a scalar or a per-channel vector, got {tuple(t.shape)}")
+        tensors[key] = t
+    _write(path, THRESHOLDS_FORMAT, tensors, metadata)
+
+
+def load_thresholds(path: str | os.PathLike) -> tuple[Thresholds, dict[str, Any]]:
+    """Thresholds keyed by (layer, component) and the metadata ``save_thresholds`` wrote."""
+    return _read(path, THRESHOLDS_FORMAT)
+
+
+def save_grid(path: str | os.PathLike, fitted: Mapping[float, Thresholds], metadata: Mapping[str, Any]) -> None:
+    """Every level of one ``fit`` in one file: per key the levels' thresholds stacked on dim 0."""
+    levels = sorted(fitted)
+    if not levels:
+        raise ValueError("no sparsity levels to save")
+    keys = sorted(fitted[levels[0]])
+    if any(sorted(fitted[s]) != keys for s in levels):
+        raise ValueError("every level of a grid must have the same keys")
+    tensors = {key: torch.stack([torch.as_tensor(fitted[s][key], dtype=torch.float64) for s in levels]) for key in keys}
+    _write(path, GRID_FORMAT, tensors, {**metadata, "sparsities": [float(s) for s in levels]})
+
+
+def load_grid(path: str | os.PathLike, sparsity: float) -> tuple[Thresholds, dict[str, Any]]:
+    """One level of a ``save_grid`` file, with its metadata (``target_sparsity`` set to the level)."""
+    tensors, metadata = _read(path, GRID_FORMAT)
+    levels = np.asarray(metadata.pop("sparsities"), dtype=np.float64)
+    matches = np.flatnonzero(np.isclose(levels, sparsity, rtol=0, atol=1e-9))
+    if not matches.size:
+        raise ValueError(f"sparsity {sparsity} is not in the grid of {path} ({len(levels)} levels, "
+                         f"{levels.min():g} to {levels.max():g})")
+    index = int(matches[0])
+    return {key: t[index] for key, t in tensors.items()}, metadata | {"target_sparsity": float(levels[index])}
+
+
+def _write(path: str | os.PathLike, fmt: str, tensors: Mapping[Key, torch.Tensor], metadata: Mapping[str, Any]) -> None:
+    """Write atomically: a crash never leaves a half-written file that looks finished."""
+    if not tensors:
+        raise ValueError("no thresholds to save")
+    if "format" in metadata:
+        raise ValueError("metadata key 'format' is reserved for the file format")
+    named = {tensor_name(*check_key(*key)): t.contiguous() for key, t in tensors.items()}
+    header = {"format": fmt} | {name: json.dumps(value) for name, value in metadata.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(named, partial, metadata=header)
+    os.replace(partial, path)
+
+
+def _read(path: str | os.PathLike, fmt: str) -> tuple[Thresholds, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no thresholds file at {path}")
+    try:
+        with safe_open(path, framework="pt") as file:
+            header = dict(file.metadata() or {})
+            if header.pop("format", None) != fmt:
+                raise ThresholdFileError(f"{path}: not an {fmt} file")
+            tensors = {_key_of(path, name): file.get_tensor(name) for name in file.keys()}
+        metadata = {name: json.loads(value) for name, value in header.items()}
+    except (SafetensorError, json.JSONDecodeError) as exc:
+        raise ThresholdFileError(f"{path}: damaged thresholds file: {exc}") from exc
+    return tensors, metadata
+
+
+def _key_of(path: Path, name: str) -> Key:
+    match = _NAME.fullmatch(name)
+    if match is None or match[2] not in COMPONENTS:
+        raise ThresholdFileError(f"{path}: tensor {name!r} is not named layers.<layer>.<component>")
+    return int(match[1]), match[2]
