@@ -1,0 +1,138 @@
+"""Run a model over calibration text and write its activations into one store per shard.
+
+Sequences: a shard's text tokens are cut into sequences of ``seq_len`` tokens, and every model
+input is ``[BOS] + sequence`` (the convention of ``perplexity``: every input starts as the models
+were trained to). The BOS position is dropped before storing, so a store holds exactly the
+shard's text tokens, in corpus order: row ``i`` of every array is text token
+``corpus_slice.token_start + i``.
+
+Memory and overlap: hooks hand each (layer, component) value straight to the ``StoreWriter``,
+whose background thread compresses and writes while the forward pass goes on. Its queue holds
+at most one batch's worth of values (one entry per captured key), so memory stays bounded by
+about two batches of activations: the one queued and the one the forward pass is producing.
+
+Reruns: a store is written under ``<path>.partial`` and renamed only when complete, so an
+interrupted collection leaves no store at ``path``; the next call deletes the partial one and
+starts over. A call on an existing complete store replaces it (atomically, on success).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from actsparse.hooks import capture
+from actsparse.store import STORED_DTYPES, CorpusSlice, StoreWriter
+
+
+def shard_slices(n_tokens: int, shards: int, seq_len: int, corpus: str = "calibration") -> list[CorpusSlice]:
+    """Split ``n_tokens`` into ``shards`` contiguous runs of whole ``seq_len``-token sequences.
+
+    Remainder: the tail of fewer than ``seq_len`` tokens is left out, so every sequence, and
+    every batch, has the same length. The whole sequences are spread as evenly as possible:
+    the first ``sequences % shards`` shards get one more.
+    """
+    if shards < 1 or seq_len < 1:
+        raise ValueError(f"shards ({shards}) and seq_len ({seq_len}) must be >= 1")
+    sequences = n_tokens // seq_len
+    if sequences < shards:
+        raise ValueError(
+            f"{n_tokens} tokens make {sequences} sequences of {seq_len}, fewer than {shards} shards"
+        )
+    per_shard, extra = divmod(sequences, shards)
+    slices, start = [], 0
+    for index in range(shards):
+        stop = start + (per_shard + (index < extra)) * seq_len
+        slices.append(CorpusSlice(corpus, index, shards, start, stop))
+        start = stop
+    return slices
+
+
+def _stored_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in STORED_DTYPES:
+            raise ValueError(f"stored dtype must be one of {sorted(STORED_DTYPES)}, got {dtype!r}")
+        return STORED_DTYPES[dtype]
+    return dtype
+
+
+def _bos_id(model: nn.Module, bos_id: int | None) -> int:
+    """The caller's BOS, else the config's, else its EOS (the perplexity stage's fallback)."""
+    for candidate in (bos_id, model.config.bos_token_id, model.config.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("the model config names neither a BOS nor an EOS token; pass bos_id")
+
+
+def _sequences(tokens: torch.Tensor, corpus_slice: CorpusSlice, seq_len: int) -> torch.Tensor:
+    """The shard's text tokens as ``[sequences, seq_len]``, after checking they fit."""
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be the 1-D corpus token ids, got shape {list(tokens.shape)}")
+    if corpus_slice.token_stop > len(tokens):
+        raise ValueError(f"shard ends at token {corpus_slice.token_stop}, the corpus has {len(tokens)}")
+    if corpus_slice.tokens % seq_len:
+        raise ValueError(
+            f"shard of {corpus_slice.tokens} tokens is not whole sequences of {seq_len}; use shard_slices"
+        )
+    return tokens[corpus_slice.token_start : corpus_slice.token_stop].long().view(-1, seq_len)
+
+
+def _batches(sequences: torch.Tensor, bos_id: int, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """``[BOS] + sequence`` rows, ``batch_size`` at a time (the last batch may be smaller)."""
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size].to(device)
+        bos = torch.full((len(batch), 1), bos_id, dtype=batch.dtype, device=device)
+        yield torch.cat([bos, batch], dim=1)
+
+
+def collect_shard(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    corpus_slice: CorpusSlice,
+    out_path: str | os.PathLike,
+    components: Iterable[str],
+    seq_len: int,
+    batch_size: int,
+    dtype: torch.dtype | str,
+    provenance: Mapping[str, Any],
+    model_name: str,
+    progress: bool = False,
+    bos_id: int | None = None,
+) -> None:
+    """Write every layer's ``components`` over the shard's tokens into the store ``out_path``.
+
+    ``tokens`` is the whole corpus (1-D token ids); ``corpus_slice`` picks the shard. ``dtype``
+    is the stored dtype (float16 or bfloat16, also by name). ``bos_id`` defaults to the model
+    config's. The path's suffix picks the backend (``.zarr`` or ``.h5``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len + 1 > limit:
+        raise ValueError(f"seq_len {seq_len} + BOS exceeds the model's {limit} positions")
+    sequences = _sequences(tokens, corpus_slice, seq_len)
+    components = tuple(components)
+    stored_dtype = _stored_dtype(dtype)
+    batches = _batches(sequences, _bos_id(model, bos_id), batch_size, next(model.parameters()).device)
+
+    def store(layer: int, component: str, value: torch.Tensor) -> None:
+        writer.append(layer, component, value[:, 1:])  # drop the BOS position
+
+    # The hooks go on first: they refuse unknown components before any file exists. Their sink
+    # finds the writer by the time a forward pass runs.
+    with capture(model, components, store), StoreWriter(
+        out_path, model=model_name, corpus=corpus_slice, dtype=stored_dtype, provenance=provenance,
+        token_block=seq_len,  # appends are whole sequences, so they never share a chunk
+        queue_size=model.config.num_hidden_layers * len(components),  # one batch's worth
+        overwrite=True,
+    ) as writer, torch.inference_mode():
+        total = math.ceil(len(sequences) / batch_size)
+        for batch in tqdm(batches, total=total, desc=f"collect {model_name}", disable=not progress):
+            # the logits are not needed: the base model skips the vocabulary-sized LM head
+            model.base_model(input_ids=batch, use_cache=False)
