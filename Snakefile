@@ -19,4 +19,7 @@ rule all:
 
 include: "rules/models.smk"
 include: "rules/corpora.smk"
+include: "rules/collect.smk"
+include: "rules/thresholds.smk"
 include: "rules/perplexity.smk"
+include: "rules/tasks.smk"

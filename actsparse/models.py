@@ -16,7 +16,6 @@ it once; every later job loads the safetensors copy in well under a second.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,9 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from actsparse.anatomy import anatomy_of
-
-log = logging.getLogger(__name__)
+from actsparse.anatomy import Anatomy, anatomy_for, anatomy_of
 
 SOURCE_KINDS = ("hub", "local", "gguf", "tiny")
 
@@ -175,6 +172,11 @@ def _imported(model_dir: Path) -> Path:
     if not (model_dir / "config.json").is_file():
         raise ModelSourceError(f"{model_dir} is not an imported model (no config.json); run the import_model rule")
     return model_dir
+
+
+def load_anatomy(model_dir: Path) -> Anatomy:
+    """The anatomy of an imported model, from its config alone (no weights loaded)."""
+    return anatomy_for(AutoConfig.from_pretrained(_imported(model_dir)).model_type)
 
 
 def load_tokenizer(model_dir: Path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actsparse.devices import gpu_slot
 from actsparse.provenance import provenance
 
 log = logging.getLogger("actsparse")
@@ -31,6 +33,17 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextmanager
+def placed(device: str):
+    """Pin a CUDA job to a GPU no other job on this machine holds; CPU jobs pass through."""
+    if device != "cuda":
+        yield device
+        return
+    with gpu_slot(torch.cuda.device_count()) as slot:
+        torch.cuda.set_device(slot)
+        yield f"cuda:{slot}"
 
 
 @dataclass
@@ -53,12 +66,15 @@ def job(snakemake):
         config = snakemake.config
         torch.set_num_threads(max(1, snakemake.threads))
         seed_everything(config["seed"])
-        device = resolve_device(config["device"])
-        params = dict(snakemake.params.items()) if hasattr(snakemake.params, "items") else {}
+        params = dict(snakemake.params.items())
+        started = time.perf_counter()
         try:
-            yield Job(device=device, provenance=provenance(config, params, device, config["seed"]))
+            with placed(resolve_device(config["device"])) as device:
+                yield Job(device=device, provenance=provenance(config, params, device, config["seed"]))
         except Exception:
             log.exception("job failed")
             raise
         finally:
+            # cached rules cannot have a benchmark file, so every job logs its wall time
+            log.info("wall time %.1f s", time.perf_counter() - started)
             sys.stderr = sys.__stderr__

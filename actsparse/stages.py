@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+import torch
+from safetensors.torch import save_file
 
-from actsparse import columns, corpora, models, perplexity
+from actsparse import collect, columns, corpora, hooks, methods, models, perplexity, sparsifier, summaries, tables, tasks
+from actsparse.anatomy import anatomy_of
 from actsparse.provenance import write_json
+
+# evaluation tokens a sparsifier acts on: all of them, or TEAL's last half of each input
+TOKEN_SELECTIONS = {"all": None, "last_half": hooks.last_fraction(0.5)}
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +39,84 @@ def prepare_corpus(model_dir: Path, spec: dict, out_path: Path, provenance: dict
     corpora.save_corpus(Path(out_path), corpus, {"source": spec, "provenance": provenance})
 
 
+def collect_activations(
+    model_dir: Path,
+    corpus_path: Path,
+    out_path: Path,
+    shard: int,
+    shards: int,
+    components: list[str],
+    seq_len: int,
+    batch_size: int,
+    store_dtype: str,
+    dtype: str,
+    device: str,
+    provenance: dict,
+) -> None:
+    model, _ = models.load_model(model_dir, device, dtype)
+    components = [c for c in components if c in anatomy_of(model).components]  # non-gated: no `up`
+    tokens = corpora.load_corpus(corpus_path)["input_ids"]
+    shard_slice = collect.shard_slices(len(tokens), shards, seq_len)[shard]
+    log.info("collecting %s over tokens %d..%d", components, shard_slice.token_start, shard_slice.token_stop)
+    collect.collect_shard(
+        model, tokens, shard_slice, out_path, components, seq_len, batch_size, store_dtype, provenance,
+        Path(model_dir).name, progress=True,
+    )
+
+
+def weights_table(model_dir: Path, out_csv: Path) -> None:
+    model, _ = models.load_model(model_dir)
+    histogram = summaries.weight_histogram(model, Path(model_dir).name)
+    _write_csv(histogram, out_csv)
+
+
+def stats_tables(weight_csvs: list[Path], stats_paths: list[Path], model_names: list[str], outputs) -> None:
+    """The seed paper's Figs 2-7 for every model: weight magnitudes, natural sparsity and |x| CDFs
+    (from the statistics gathered while collecting, merged over each model's shards)."""
+    weights = pd.concat([pd.read_csv(p) for p in weight_csvs], ignore_index=True)
+    sparsity, cdf = [], []
+    for name in model_names:
+        merged = summaries.merge_stats([p for p in stats_paths if f"/{name}/" in str(p)])
+        sparsity.append(summaries.natural_sparsity(merged, name))
+        cdf.append(summaries.activation_cdf(merged, name))
+    sparsity, cdf = pd.concat(sparsity, ignore_index=True), pd.concat(cdf, ignore_index=True)
+    for frame, csv, figure, plot in (
+        (weights, outputs.weights, outputs.weights_figure, summaries.plot_weight_histogram),
+        (sparsity, outputs.sparsity, outputs.sparsity_figure, summaries.plot_natural_sparsity),
+        (cdf, outputs.cdf, outputs.cdf_figure, summaries.plot_activation_cdf),
+    ):
+        _write_csv(frame, csv)
+        plot(frame, [figure, Path(figure).with_suffix(".pdf")])
+
+
+def fit_thresholds(
+    store_paths: list[Path], model_dir: Path, method: str, params: dict, out_path: Path, provenance: dict
+) -> None:
+    """Thresholds of every representable sparsity (0.00 to 0.99) from the same passes over the
+    stores. The grid does not depend on the configured levels, so adding a level never reruns
+    this fit or anything downstream of the other levels."""
+    gated = models.load_anatomy(model_dir).gated
+    fitted = methods.fit(method, store_paths, methods.GRID, params, gated=gated)
+    metadata = methods.fit_metadata(method, 0.0, store_paths, params, provenance)
+    methods.save_grid(out_path, fitted, metadata)
+
+
+def select_thresholds(grid_path: Path, sparsity: float, out_path: Path) -> None:
+    thresholds, metadata = methods.load_grid(grid_path, sparsity)
+    methods.save_thresholds(out_path, thresholds, metadata | {"target_sparsity": sparsity})
+
+
 def eval_perplexity(
     model_dir: Path,
     corpus_path: Path,
     out_path: Path,
     method: str,
     sparsity: float,
+    thresholds: list[Path],
     window: int,
     stride: int | None,
     batch_size: int,
+    sparsify_tokens: str,
     dtype: str,
     device: str,
     provenance: dict,
@@ -48,18 +125,19 @@ def eval_perplexity(
     corpus = corpora.load_corpus(corpus_path)
     window = min(window, model.config.max_position_embeddings)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    nll, scored = perplexity.sequence_nll(
-        model, corpus["input_ids"], bos, window, stride, batch_size, progress=True
-    )
+    with sparsified(model, thresholds, sparsify_tokens) as measured:
+        nll, scored = perplexity.sequence_nll(
+            model, corpus["input_ids"], bos, window, stride, batch_size, progress=True
+        )
     result = {
         "model": Path(model_dir).name,
         "method": method,
         "target_sparsity": sparsity,
-        "achieved_sparsity": 0.0,
-        "skipped_ffn_params": 0.0,
+        **_achieved(model, measured),
         **perplexity.perplexities(nll, scored, corpus["words"]),
         "window": window,
         "stride": stride or window - 1,
+        "sparsify_tokens": sparsify_tokens,
         "provenance": provenance,
     }
     log.info("ppl %.4f, word ppl %.4f over %d tokens", result["ppl"], result["word_ppl"], scored)
@@ -67,15 +145,91 @@ def eval_perplexity(
     return result
 
 
-def aggregate(result_paths: list[Path], table_columns: tuple[str, ...], out_csv: Path) -> pd.DataFrame:
-    """Collect per-job JSON results into one table, sorted so reruns write identical bytes."""
-    rows = [json.loads(Path(p).read_text()) for p in result_paths]
-    frame = pd.DataFrame(rows, columns=list(table_columns))
-    frame = frame.sort_values(list(table_columns[:3])).reset_index(drop=True)
+def eval_task(
+    model_dir: Path,
+    out_json: Path,
+    out_loglikelihoods: Path,
+    method: str,
+    sparsity: float,
+    task: str,
+    thresholds: list[Path],
+    source: str,
+    limit: int | None,
+    batch_size: int,
+    sparsify_tokens: str,
+    dtype: str,
+    device: str,
+    provenance: dict,
+) -> dict:
+    model, tokenizer = models.load_model(model_dir, device, dtype)
+    docs = tasks.load_task(task, source, limit=limit)
+    with sparsified(model, thresholds, sparsify_tokens) as measured:
+        scored = tasks.score_docs(model, tokenizer, docs, batch_size)
+    result = {
+        "model": Path(model_dir).name,
+        "method": method,
+        "target_sparsity": sparsity,
+        "task": task,
+        "acc": scored.acc,
+        "acc_stderr": scored.acc_stderr,
+        "acc_norm": scored.acc_norm,
+        "acc_norm_stderr": scored.acc_norm_stderr,
+        "n": scored.n,
+        **_achieved(model, measured),
+        "source": source,
+        "limit": limit,
+        "provenance": provenance,
+    }
+    log.info("%s: acc %.4f, acc_norm %.4f over %d docs", task, scored.acc, scored.acc_norm, scored.n)
+    _save_loglikelihoods(out_loglikelihoods, docs, scored.loglikelihoods)
+    write_json(Path(out_json), result)
+    return result
+
+
+@contextmanager
+def sparsified(model, thresholds: list[Path], sparsify_tokens: str) -> Iterator[sparsifier.Measured]:
+    """The model masked by the thresholds file (none: the dense baseline), measuring its zeros."""
+    if not thresholds:
+        values, kv_dense = {}, False
+    else:
+        values, metadata = methods.load_thresholds(thresholds[0])
+        kv_dense = methods.requirements(metadata["method"], gated=anatomy_of(model).gated).kv_dense
+    with sparsifier.sparsified(model, values, kv_dense, TOKEN_SELECTIONS[sparsify_tokens]) as measured:
+        yield measured
+
+
+def _achieved(model, measured: sparsifier.Measured) -> dict:
+    return {
+        "achieved_sparsity": sparsifier.achieved_sparsity(measured),
+        "skipped_ffn_params": sparsifier.skipped_ffn_fraction(model, measured),
+        "layer_sparsity": sparsifier.layer_sparsity(measured),
+    }
+
+
+def _save_loglikelihoods(path: Path, docs: list, loglikelihoods) -> None:
+    """Per-example choice log-likelihoods, compact: [docs, max choices] padded with NaN, and gold."""
+    width = max(len(d.contexts) for d in docs)
+    table = torch.full((len(docs), width), float("nan"), dtype=torch.float64)
+    for row, values in enumerate(loglikelihoods):
+        table[row, : len(values)] = torch.as_tensor(values, dtype=torch.float64)
+    gold = torch.tensor([d.gold for d in docs], dtype=torch.int64)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"loglikelihoods": table, "gold": gold}, str(path))
+
+
+def _write_csv(frame: pd.DataFrame, out_csv: Path) -> None:
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_csv, index=False)
+
+
+def perplexity_table(result_paths: list[Path], out_csv: Path, out_png: Path) -> pd.DataFrame:
+    frame = tables.collect_results(result_paths, columns.PERPLEXITY)
+    _write_csv(frame, out_csv)
+    tables.plot_perplexity(frame, out_png)
     return frame
 
 
-def aggregate_perplexity(result_paths: list[Path], out_csv: Path) -> pd.DataFrame:
-    return aggregate(result_paths, columns.PERPLEXITY, out_csv)
+def downstream_table(result_paths: list[Path], out_csv: Path) -> pd.DataFrame:
+    frame = tables.downstream(result_paths)
+    _write_csv(frame, out_csv)
+    return frame

@@ -1,38 +1,109 @@
+import shutil
+
 from snakemake.utils import validate
 
 
 validate(config, "../config/schema/config.schema.yaml", set_default=True)
 
-MODELS = list(config["models"])
-CORPORA = ("calibration", "evaluation")
 ENV = "../envs/actsparse.yaml"
 LOGS = "results/logs"
 BENCHMARKS = "results/benchmarks"
+MODELS = list(config["models"])
+METHODS = list(config["methods"])
+CORPORA = ("calibration", "evaluation")
+DENSE = "dense"  # the dense baseline: method "dense" at sparsity 0.00
+SHARDS = range(config["collection"]["shards"])
+STORE_SUFFIX = {"zarr": "zarr", "hdf5": "h5"}[config["collection"]["backend"]]
+
+
+def check_config():
+    """What the schema cannot say: sparsities must be path-exact with two decimals, and task
+    methods must be configured methods."""
+    levels = config["sparsities"] + config["tasks"]["sparsities"]
+    inexact = [s for s in levels if abs(round(s * 100) - s * 100) > 1e-9]
+    if inexact:
+        raise ValueError(f"config sparsities must have at most two decimals, got {inexact}")
+    unknown = [m for m in config["tasks"]["methods"] if m not in METHODS]
+    if unknown:
+        raise ValueError(f"config tasks.methods names {unknown}, which are not under methods: {METHODS}")
+
+
+check_config()
+
+
+def alternatives(names):
+    return "|".join(re.escape(name) for name in names)
 
 
 wildcard_constraints:
-    model="|".join(map(re.escape, MODELS)),
-    corpus="|".join(CORPORA),
-    method=r"dense",
-    sparsity=r"\d\.\d\d",
+    model=alternatives(MODELS),
+    corpus=alternatives(CORPORA),
+    method=alternatives(METHODS + [DENSE]),
+    sparsity=r"0\.\d\d",
+    shard=r"\d+",
+    task=alternatives(config["tasks"]["names"]),
 
 
-def sparsity_label(value):
+def label(sparsity):
     """Sparsity as it appears in paths: two decimals."""
-    return f"{value:.2f}"
+    return f"{sparsity:.2f}"
 
 
-def ppl_results(model):
-    return [f"results/eval/ppl/{model}/dense/{sparsity_label(0)}.json"]
+def grid(methods, sparsities):
+    """(method, sparsity label) points, the dense baseline first."""
+    return [(DENSE, label(0))] + [(m, label(s)) for m in methods for s in sparsities]
+
+
+def ppl_results():
+    return [
+        f"results/eval/ppl/{model}/{method}/{sparsity}.json"
+        for model in MODELS
+        for method, sparsity in grid(METHODS, config["sparsities"])
+    ]
+
+
+def task_results():
+    return [
+        f"results/eval/tasks/{model}/{method}/{sparsity}/{task}.json"
+        for model in MODELS
+        for method, sparsity in grid(config["tasks"]["methods"], config["tasks"]["sparsities"])
+        for task in config["tasks"]["names"]
+    ]
+
+
+def store_path(model, shard):
+    return f"results/activations/{model}/calibration/shard-{shard}.{STORE_SUFFIX}"
+
+
+def thresholds_of(wildcards):
+    """The thresholds file of a grid point; none for the dense baseline."""
+    if wildcards.method == DENSE:
+        return []
+    return [f"results/thresholds/{wildcards.model}/{wildcards.method}/{wildcards.sparsity}.safetensors"]
 
 
 def final_targets():
-    return ["results/tables/perplexity.csv"]
+    return [
+        "results/tables/perplexity.csv",
+        "results/figures/perplexity.png",
+        "results/tables/downstream.csv",
+        "results/tables/weights.csv",
+        "results/tables/natural_sparsity.csv",
+        "results/tables/activation_cdf.csv",
+    ]
+
+
+def uses_gpu():
+    """Whether model jobs run on a GPU: device cuda, or auto on a host with NVIDIA GPUs. (On a
+    cluster whose submit host has no GPU, set device: cuda explicitly.)"""
+    device = config["device"]
+    return device.startswith("cuda") or (device == "auto" and shutil.which("nvidia-smi") is not None)
 
 
 def heavy_resources(mem_mb, runtime):
-    """Resources of a job that runs a model: one GPU when the configured device is one."""
+    """Resources of a job that runs a model: one GPU when models run on GPUs, so
+    `--resources gpu=K` bounds concurrent GPU jobs and CPU-only nodes never see a GPU request."""
     res = dict(mem_mb=mem_mb, runtime=runtime)
-    if config["device"] != "cpu":
+    if uses_gpu():
         res["gpu"] = 1
     return res

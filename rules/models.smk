@@ -5,12 +5,11 @@ rule import_model:
         source=lambda wc: config["models"][wc.model],
     log:
         f"{LOGS}/import_model/{{model}}.log",
-    benchmark:
-        f"{BENCHMARKS}/import_model/{{model}}.tsv"
     resources:
         mem_mb=8000,
         runtime=30,
     threads: config["threads"]
+    cache: "omit-software"
     conda:
         ENV
     script:

@@ -2,12 +2,14 @@ rule eval_perplexity:
     input:
         model="results/models/{model}",
         corpus="results/corpora/{model}/evaluation.safetensors",
+        thresholds=thresholds_of,
     output:
         "results/eval/ppl/{model}/{method}/{sparsity}.json",
     params:
         window=config["perplexity"]["window"],
         stride=config["perplexity"]["stride"],
         batch_size=config["perplexity"]["batch_size"],
+        sparsify_tokens=config["sparsify_tokens"],
         dtype=config["dtype"],
     log:
         f"{LOGS}/eval_perplexity/{{model}}/{{method}}/{{sparsity}}.log",
@@ -24,9 +26,11 @@ rule eval_perplexity:
 
 rule perplexity_table:
     input:
-        [path for model in MODELS for path in ppl_results(model)],
+        ppl_results(),
     output:
-        "results/tables/perplexity.csv",
+        table="results/tables/perplexity.csv",
+        figure="results/figures/perplexity.png",
+        figure_pdf="results/figures/perplexity.pdf",
     log:
         f"{LOGS}/perplexity_table.log",
     conda:

@@ -1,0 +1,34 @@
+rule fit_thresholds:
+    input:
+        model="results/models/{model}",
+        stores=lambda wc: [store_path(wc.model, k) for k in SHARDS],
+    output:
+        "results/thresholds/{model}/{method}/grid.safetensors",
+    params:
+        method_params=lambda wc: config["methods"][wc.method]
+        | ({"seq_len": config["collection"]["seq_len"]} if wc.method.startswith("chess") else {}),
+    log:
+        f"{LOGS}/fit_thresholds/{{model}}/{{method}}.log",
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    threads: config["threads"]
+    cache: "omit-software"
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/fit_thresholds.py"
+
+
+rule select_thresholds:
+    input:
+        "results/thresholds/{model}/{method}/grid.safetensors",
+    output:
+        "results/thresholds/{model}/{method}/{sparsity}.safetensors",
+    log:
+        f"{LOGS}/select_thresholds/{{model}}/{{method}}/{{sparsity}}.log",
+    localrule: True
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/select_thresholds.py"
