@@ -4,6 +4,7 @@ seeds, deterministic kernels, device choice, and the provenance stamped on its o
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 import time
@@ -37,8 +38,9 @@ def seed_everything(seed: int) -> None:
 
 @contextmanager
 def placed(device: str):
-    """Pin a CUDA job to a GPU no other job on this machine holds; CPU jobs pass through."""
-    if device != "cuda":
+    """Pin a CUDA job to a GPU no other job on this machine holds. CPU jobs pass through, and so
+    do jobs under SLURM, whose scheduler already gives each job its own GPUs."""
+    if device != "cuda" or "SLURM_JOB_ID" in os.environ:
         yield device
         return
     with gpu_slot(torch.cuda.device_count()) as slot:

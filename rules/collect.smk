@@ -3,7 +3,7 @@ from actsparse.methods import requirements
 
 def collected_components():
     """Every component some configured method fits on (non-gated models skip `up` at run time)."""
-    needed = {c for m, p in config["methods"].items() for c in requirements(m, p).collect}
+    needed = {c for m in METHODS for c in requirements(m, method_params(m)).collect}
     return sorted(needed)
 
 

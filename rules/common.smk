@@ -75,6 +75,15 @@ def store_path(model, shard):
     return f"results/activations/{model}/calibration/shard-{shard}.{STORE_SUFFIX}"
 
 
+def method_params(method):
+    """A method's configured parameters, plus the calibration sequence length CHESS's
+    per-sample quantiles need."""
+    params = dict(config["methods"][method])
+    if method.startswith("chess"):
+        params["seq_len"] = config["collection"]["seq_len"]
+    return params
+
+
 def thresholds_of(wildcards):
     """The thresholds file of a grid point; none for the dense baseline."""
     if wildcards.method == DENSE:

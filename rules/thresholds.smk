@@ -5,8 +5,7 @@ rule fit_thresholds:
     output:
         "results/thresholds/{model}/{method}/grid.safetensors",
     params:
-        method_params=lambda wc: config["methods"][wc.method]
-        | ({"seq_len": config["collection"]["seq_len"]} if wc.method.startswith("chess") else {}),
+        method_params=lambda wc: method_params(wc.method),
     log:
         f"{LOGS}/fit_thresholds/{{model}}/{{method}}.log",
     resources:
