@@ -19,8 +19,18 @@ Per (layer, component), on the values *as stored* (float16 or bfloat16):
   and its first version's ``E[u_c^2]``).
 
 The histogram is exact and cheap because a 16-bit float has only 32,768 magnitudes: one bincount
-of the bit patterns with the sign cleared, then a fixed table from magnitude to bin. This runs on
-the batch's device (GPU included); only the counts and per-channel sums move to the host.
+of the bit patterns with the sign cleared, then a fixed table from magnitude to bin.
+
+The per-channel sums are float64, computed over blocks of at most ``SUM_BLOCK_VALUES`` values:
+a block's float64 copy stays in cache, which makes them five times cheaper (~2 ns per value on
+one core) than upcasting a whole batch, whose float64 copy streams through memory twice. Float32
+sums would halve that again but are off by ~1e-7 relatively, one float32 unit: enough to change
+CHESS's float32 ``m_c``, so its thresholds would no longer equal the formula's. In float64,
+squares are exact and the relative error of a sum is at most ``rows * 2**-53``.
+
+``summarize`` computes one batch's contribution on the batch's device (a GPU included) and
+moves only the counts and sums to the host; ``add`` folds it in. Store writers split the two:
+the summary is computed wherever the values are, the folding happens on the writer thread.
 
 NaN values are refused: they have no place in a magnitude histogram and always mean a bug
 upstream.
@@ -31,11 +41,13 @@ and the list of keys. No pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import numbers
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +66,8 @@ OVERFLOW_BIN = len(EDGES) + 1
 NBINS = len(EDGES) + 2
 STATS_FORMAT = "actsparse.stats/1"
 STATS_DTYPES = (torch.float16, torch.bfloat16)
+SUM_BLOCK_VALUES = 1 << 17  # values summed at a time: 1 MiB of float64, cache-resident
+_PATTERNS = 1 << 15  # bit patterns of a 16-bit float's magnitude
 _NAN_SLOT = NBINS  # where NaN magnitudes land in the lookup table, one past the real bins
 _PARTS = ("hist", "sum_abs", "sum_sq")  # TensorStats's arrays, in constructor order
 
@@ -75,12 +89,52 @@ def array_name(layer: int, component: str) -> str:
 @functools.cache
 def _magnitude_bins(dtype: torch.dtype) -> np.ndarray:
     """Bin of every non-negative bit pattern of a 16-bit float dtype (``_NAN_SLOT`` for NaN)."""
-    magnitudes = torch.arange(1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    magnitudes = torch.arange(_PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype)
     values = magnitudes.to(torch.float64).numpy()
     bins = 1 + np.searchsorted(EDGES, values, side="right")
     bins[values == 0] = ZERO_BIN
     bins[np.isnan(values)] = _NAN_SLOT
     return bins
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What one batch adds to a key's statistics, on the host: ``TensorStats.add`` folds it in."""
+
+    dtype: torch.dtype
+    patterns: np.ndarray  # int64 [32768]: how many values have each magnitude bit pattern
+    sum_abs: np.ndarray  # float64 [channels]
+    sum_sq: np.ndarray  # float64 [channels]
+
+    @property
+    def channels(self) -> int:
+        return len(self.sum_abs)
+
+
+def summarize(batch: torch.Tensor) -> BatchSummary:
+    """A ``[tokens, channels]`` float16/bfloat16 batch's counts and sums, computed on its device."""
+    if batch.ndim != 2:
+        raise ValueError(f"batch must be 2-D [tokens, channels], got shape {list(batch.shape)}")
+    if batch.dtype not in STATS_DTYPES:
+        raise ValueError(f"stats take stored values (float16, bfloat16), got {batch.dtype}")
+    magnitudes = batch.detach().view(torch.int16) & 0x7FFF  # |x|: the sign bit cleared
+    patterns = torch.bincount(magnitudes.reshape(-1), minlength=_PATTERNS)
+    sums = torch.zeros(2, batch.shape[1], dtype=torch.float64, device=batch.device)
+    for block in magnitudes.split(max(1, SUM_BLOCK_VALUES // max(1, batch.shape[1]))):
+        values = block.view(batch.dtype).double()
+        sums[0] += values.sum(0)
+        sums[1] += values.square_().sum(0)
+    sum_abs, sum_sq = sums.cpu().numpy()
+    return BatchSummary(batch.dtype, patterns.cpu().numpy(), sum_abs, sum_sq)
+
+
+@contextlib.contextmanager
+def _naming(key: Key) -> Iterator[None]:
+    """Prefix a refused batch's error with its key, so a failure in a long run is traceable."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"layer {key[0]} {key[1]}: {exc}") from None
 
 
 class TensorStats:
@@ -125,22 +179,20 @@ class TensorStats:
 
     def update(self, batch: torch.Tensor) -> None:
         """Add a ``[tokens, channels]`` float16/bfloat16 batch; a refused batch changes nothing."""
-        if batch.ndim != 2:
-            raise ValueError(f"batch must be 2-D [tokens, channels], got shape {list(batch.shape)}")
-        if batch.shape[1] != self.channels:
-            raise ValueError(f"batch has {batch.shape[1]} channels, earlier ones {self.channels}")
-        if batch.dtype not in STATS_DTYPES:
-            raise ValueError(f"stats take stored values (float16, bfloat16), got {batch.dtype}")
-        patterns = (batch.detach().view(torch.int16) & 0x7FFF).reshape(-1)
-        per_pattern = torch.bincount(patterns, minlength=1 << 15).cpu().numpy()
-        bins = _magnitude_bins(batch.dtype)
-        per_bin = np.bincount(bins, weights=per_pattern, minlength=NBINS + 1)
+        self.add(summarize(batch))
+
+    def add(self, summary: BatchSummary) -> None:
+        """Fold in a batch's summary; a refused one (NaN values, other channels) changes nothing."""
+        if summary.channels != self.channels:
+            raise ValueError(f"batch has {summary.channels} channels, earlier ones {self.channels}")
+        # float weights count exactly up to 2**53 values per pattern
+        per_bin = np.bincount(_magnitude_bins(summary.dtype), weights=summary.patterns,
+                              minlength=NBINS + 1)
         if per_bin[_NAN_SLOT]:
             raise ValueError(f"batch holds {int(per_bin[_NAN_SLOT])} NaN values")
-        values = batch.detach().to(torch.float64)
-        self.sum_sq += values.square().sum(0).cpu().numpy()
-        self.sum_abs += values.abs_().sum(0).cpu().numpy()
         self.hist += per_bin[:NBINS].astype(np.int64)
+        self.sum_abs += summary.sum_abs
+        self.sum_sq += summary.sum_sq
 
     def merge(self, other: TensorStats) -> None:
         """Add another shard's statistics of the same key into these."""
@@ -208,12 +260,18 @@ class StoreStats:
         return len(self._stats)
 
     def update(self, layer: int, component: str, batch: torch.Tensor) -> None:
+        """Add a ``[tokens, channels]`` float16/bfloat16 batch of one key."""
         key = check_key(layer, component)
-        stats = self._stats.get(key) or TensorStats.empty(batch.shape[-1] if batch.ndim else 0)
-        try:
-            stats.update(batch)
-        except ValueError as exc:
-            raise ValueError(f"layer {layer} {component}: {exc}") from None
+        with _naming(key):
+            summary = summarize(batch)
+        self.add(*key, summary)
+
+    def add(self, layer: int, component: str, summary: BatchSummary) -> None:
+        """Fold in a batch's summary (from ``summarize``, possibly computed on another device)."""
+        key = check_key(layer, component)
+        stats = self._stats.get(key) or TensorStats.empty(summary.channels)
+        with _naming(key):
+            stats.add(summary)
         self._stats[key] = stats
 
     def merge(self, other: StoreStats) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from actsparse import stats as stats_module
 from actsparse.stats import (
     EDGES,
     NBINS,
@@ -14,9 +15,12 @@ from actsparse.stats import (
     ZERO_BIN,
     StoreStats,
     TensorStats,
+    summarize,
 )
 
 DTYPES = [torch.float16, torch.bfloat16]
+
+RTOL = 1e-12  # float64 sums of n >= 0 exact terms err by <= n * 2**-53: < 1e-12 for n < 9000
 
 
 def activations(
@@ -48,8 +52,11 @@ def stats_of(*batches: torch.Tensor) -> TensorStats:
     return stats
 
 
+@pytest.mark.parametrize("block_values", [None, 24 * 16])  # default; 16-row blocks, one partial
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_update_matches_numpy_on_the_stored_values(dtype: torch.dtype) -> None:
+def test_update_matches_numpy_on_the_stored_values(dtype, block_values, monkeypatch) -> None:
+    if block_values:
+        monkeypatch.setattr(stats_module, "SUM_BLOCK_VALUES", block_values)
     x = activations(dtype)
     stats = stats_of(*x.split(70))
     values = x.to(torch.float64).numpy()
@@ -61,10 +68,32 @@ def test_update_matches_numpy_on_the_stored_values(dtype: torch.dtype) -> None:
     if dtype == torch.bfloat16:  # float16 holds no magnitude in (0, 6e-8)
         assert stats.hist[UNDERFLOW_BIN] > 0
     assert stats.zero_fraction == (values == 0).mean()
-    np.testing.assert_allclose(stats.sum_abs, np.abs(values).sum(0), rtol=1e-12)
-    np.testing.assert_allclose(stats.sum_sq, (values**2).sum(0), rtol=1e-12)
-    np.testing.assert_allclose(stats.channel_mean_abs(), np.abs(values).mean(0), rtol=1e-12)
-    np.testing.assert_allclose(stats.channel_mean_square(), (values**2).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.sum_abs, np.abs(values).sum(0), rtol=RTOL)
+    np.testing.assert_allclose(stats.sum_sq, (values**2).sum(0), rtol=RTOL)
+    np.testing.assert_allclose(stats.channel_mean_abs(), np.abs(values).mean(0), rtol=RTOL)
+    np.testing.assert_allclose(stats.channel_mean_square(), (values**2).mean(0), rtol=RTOL)
+
+
+def test_sums_of_batches_of_many_blocks_match_numpy() -> None:
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.lognormal(0, 2, size=(12_000, 40))).to(torch.float16)
+    values = x.to(torch.float64).numpy()
+    assert len(x) > 3 * stats_module.SUM_BLOCK_VALUES // 40  # several blocks, one partial
+    summary = summarize(x)
+    np.testing.assert_allclose(summary.sum_abs, np.abs(values).sum(0), rtol=RTOL)
+    np.testing.assert_allclose(summary.sum_sq, (values**2).sum(0), rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adding_summaries_equals_updating(dtype: torch.dtype) -> None:
+    x = activations(dtype)
+    updated, added = StoreStats(), StoreStats()
+    for batch in x.split(100):
+        updated.update(4, "gate", batch)
+        added.add(4, "gate", summarize(batch))
+    for part in ("hist", "sum_abs", "sum_sq"):
+        assert np.array_equal(getattr(added[4, "gate"], part), getattr(updated[4, "gate"], part))
+    assert summarize(x).patterns.sum() == x.numel()
 
 
 def test_edges_are_fixed_and_log_spaced() -> None:
@@ -110,8 +139,8 @@ def test_merge_equals_stats_over_both_shards() -> None:
     assert list(shard_a) == list(both) == [(0, "act"), (3, "up")]
     for key in both:
         assert shard_a[key].hist.tolist() == both[key].hist.tolist()
-        np.testing.assert_allclose(shard_a[key].sum_abs, both[key].sum_abs, rtol=1e-12)
-        np.testing.assert_allclose(shard_a[key].sum_sq, both[key].sum_sq, rtol=1e-12)
+        np.testing.assert_allclose(shard_a[key].sum_abs, both[key].sum_abs, rtol=RTOL)
+        np.testing.assert_allclose(shard_a[key].sum_sq, both[key].sum_sq, rtol=RTOL)
 
 
 def test_merge_refuses_other_channel_counts() -> None:
@@ -161,6 +190,8 @@ def test_refused_batches_change_nothing() -> None:
         stats.update(1, "actt", x)
     with pytest.raises(ValueError, match="2-D"):
         stats.update(2, "act", x[0])
+    with pytest.raises(ValueError, match=r"layer 1 act: batch holds 1 NaN"):
+        stats.add(1, "act", summarize(poisoned))
     assert np.array_equal(stats[(1, "act")].hist, before)
     assert list(stats) == [(1, "act")]
 
@@ -170,8 +201,8 @@ def test_update_on_the_gpu_equals_the_cpu() -> None:
     x = activations(torch.bfloat16)
     on_cpu, on_gpu = stats_of(x), stats_of(x.cuda())
     assert on_gpu.hist.tolist() == on_cpu.hist.tolist()
-    np.testing.assert_allclose(on_gpu.sum_abs, on_cpu.sum_abs, rtol=1e-12)
-    np.testing.assert_allclose(on_gpu.sum_sq, on_cpu.sum_sq, rtol=1e-12)
+    np.testing.assert_allclose(on_gpu.sum_abs, on_cpu.sum_abs, rtol=RTOL)
+    np.testing.assert_allclose(on_gpu.sum_sq, on_cpu.sum_sq, rtol=RTOL)
 
 
 def test_layer_must_be_a_non_negative_integer() -> None:
