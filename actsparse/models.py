@@ -183,6 +183,11 @@ def load_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(_imported(model_dir))
 
 
+def bos_id(tokenizer) -> int:
+    """The token every model input starts with; tokenizers without a BOS use their EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def load_model(model_dir: Path, device: str = "cpu", dtype: str = "auto") -> tuple[torch.nn.Module, object]:
     model = AutoModelForCausalLM.from_pretrained(_imported(model_dir), dtype=resolve_dtype(dtype, device))
     return model.to(device).eval(), load_tokenizer(model_dir)

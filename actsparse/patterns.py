@@ -1,9 +1,10 @@
 """Input-variant pattern matching, an activation predictor and a prefetch simulation.
 
 This is the seed paper's section V (Table II, Figs 9-12) plus the predictor it only proposes.
-A *pattern* is a bool array ``[tokens, neurons]`` for one layer: True where the FFN neuron's
-act(gate) survives the fitted threshold. Everything here is a pure function of token ids,
-words and patterns so that it is testable without a model; the pipeline wires it to the hooks.
+A *pattern* is a bool array ``[tokens, neurons]`` for one layer: True where the FFN neuron is
+active, i.e. its down_proj input is nonzero under the fitted thresholds (for cats and chess:
+where act(gate) survives). Everything here is a pure function of token ids, words and
+patterns so that it is testable without a model; ``pattern_study`` wires it to a model.
 Layers are numbered from 0 (the paper's "Layer 1" is layer 0 here).
 """
 
@@ -503,7 +504,8 @@ def prefetch_sweep(
 
 
 def plot_prefetch(table: pd.DataFrame, path: str | Path) -> Path:
-    """Recall against the share of dense bytes fetched, one line per layer, saved as an image.
+    """Recall against the share of dense bytes fetched, one line per layer (a colour) and, where
+    the table has a ``features`` column, per predictor (a line style), saved as an image.
 
     Uses the Agg canvas directly rather than pyplot, so no global backend state is touched.
     """
@@ -513,11 +515,17 @@ def plot_prefetch(table: pd.DataFrame, path: str | Path) -> Path:
     figure = Figure(figsize=(5, 4))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for layer, rows in table.groupby("layer"):
-        axes.plot(rows["bytes_fetched"] / rows["dense_bytes"], rows["recall"], marker="o", label=f"layer {layer}")
+    table = table if "features" in table.columns else table.assign(features="")
+    layers, features = sorted(set(table["layer"])), sorted(set(table["features"]))
+    for (name, layer), rows in table.groupby(["features", "layer"]):
+        axes.plot(
+            rows["bytes_fetched"] / rows["dense_bytes"], rows["recall"], marker="o", markersize=3,
+            color=f"C{layers.index(layer) % 10}", linestyle=("-", "--", "-.", ":")[features.index(name) % 4],
+            label=f"{name}, layer {layer}" if name else f"layer {layer}",
+        )
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random rows")
     axes.set(xlabel="bytes fetched / dense bytes", ylabel="recall of active rows", xlim=(0, 1), ylim=(0, 1.02))
-    axes.legend()
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     path = Path(path)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     return path

@@ -1,0 +1,82 @@
+PATTERNS = config["patterns"]
+# the thresholds the study reads (check_config ensures the method is configured)
+PATTERN_THRESHOLDS = f"results/thresholds/{{model}}/{PATTERNS['method']}/{label(PATTERNS['sparsity'])}.safetensors"
+
+
+rule pattern_match:
+    input:
+        model="results/models/{model}",
+        corpus="results/corpora/{model}/evaluation.safetensors",
+        thresholds=PATTERN_THRESHOLDS,
+    output:
+        table="results/patterns/{model}/match.csv",
+        summary="results/patterns/{model}/match.json",
+        heatmaps=expand("results/figures/patterns/{{model}}/heatmaps_{strategy}.png", strategy=PATTERNS["strategies"]),
+        heatmaps_pdf=expand("results/figures/patterns/{{model}}/heatmaps_{strategy}.pdf", strategy=PATTERNS["strategies"]),
+    params:
+        samples=PATTERNS["samples"],
+        length=PATTERNS["length"],
+        strategies=PATTERNS["strategies"],
+        similarities=PATTERNS["similarities"],
+        hot_fraction=PATTERNS["hot_fraction"],
+        seed=PATTERNS["seed"],
+        dtype=config["dtype"],
+    log:
+        f"{LOGS}/pattern_match/{{model}}.log",
+    benchmark:
+        f"{BENCHMARKS}/pattern_match/{{model}}.tsv"
+    resources:
+        **heavy_resources(mem_mb=8000, runtime=60),
+    threads: config["threads"]
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/pattern_study.py"
+
+
+rule pattern_predictor:
+    input:
+        model="results/models/{model}",
+        train_corpus="results/corpora/{model}/calibration.safetensors",
+        eval_corpus="results/corpora/{model}/evaluation.safetensors",
+        thresholds=PATTERN_THRESHOLDS,
+    output:
+        predictor="results/patterns/{model}/predictor.csv",
+        prefetch="results/patterns/{model}/prefetch.csv",
+        summary="results/patterns/{model}/predictor.json",
+        figure="results/figures/patterns/{model}/prefetch.png",
+        figure_pdf="results/figures/patterns/{model}/prefetch.pdf",
+    params:
+        window=PATTERNS["length"],
+        predictor=PATTERNS["predictor"],
+        seed=PATTERNS["seed"],
+        dtype=config["dtype"],
+    log:
+        f"{LOGS}/pattern_predictor/{{model}}.log",
+    benchmark:
+        f"{BENCHMARKS}/pattern_predictor/{{model}}.tsv"
+    resources:
+        **heavy_resources(mem_mb=8000, runtime=60),
+    threads: config["threads"]
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/pattern_predictor.py"
+
+
+rule pattern_tables:
+    input:
+        match=expand("results/patterns/{model}/match.csv", model=MODELS),
+        predictor=expand("results/patterns/{model}/predictor.csv", model=MODELS),
+        prefetch=expand("results/patterns/{model}/prefetch.csv", model=MODELS),
+    output:
+        match="results/tables/pattern_match.csv",
+        table_ii="results/tables/pattern_match_table_ii.csv",
+        predictor="results/tables/predictor.csv",
+        prefetch="results/tables/prefetch.csv",
+    log:
+        f"{LOGS}/pattern_tables.log",
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/pattern_tables.py"
