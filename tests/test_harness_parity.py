@@ -1,0 +1,57 @@
+"""actsparse.tasks against lm-evaluation-harness itself (a dev dependency: requirements-dev.txt),
+through the parity check of bench/bench_harness_parity.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a dev dependency (pip install -r requirements-dev.txt)")
+
+SCRIPT = REPO / "bench" / "bench_harness_parity.py"
+MODEL_DIR = REPO / "results" / "models" / "smollm2-135m"
+
+
+def bench_module():
+    name = "bench_harness_parity"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_relocated_configs_change_only_the_dataset_location(tmp_path):
+    bench = bench_module()
+    task_dir = bench.write_harness_tasks(list(bench.HARNESS_TASKS), tmp_path)
+    import lm_eval
+
+    harness_tasks = lm_eval.__file__.rsplit("/", 1)[0] + "/tasks"
+    for name, spec in bench.HARNESS_TASKS.items():
+        original = open(f"{harness_tasks}/{spec.yaml}").read()
+        relocated = (task_dir / spec.yaml).read_text()
+        removed = set(original.splitlines()) - set(relocated.splitlines())
+        assert all(line.startswith(("dataset_path:", "dataset_name:")) for line in removed), (name, removed)
+        added = bench.changed_lines(original, relocated)
+        assert all(line.startswith(("dataset_path:", "dataset_name:", "dataset_kwargs:", "  ")) for line in added)
+        for helper in spec.helpers:
+            assert (task_dir / spec.yaml).with_name(helper).read_text() == open(
+                f"{harness_tasks}/{spec.yaml.rsplit('/', 1)[0]}/{helper}"
+            ).read()
+
+
+@pytest.mark.slow
+def test_scores_equal_the_harness_on_the_real_model():
+    if not (MODEL_DIR / "config.json").is_file():
+        pytest.skip(f"{MODEL_DIR.relative_to(REPO)} not imported yet (the pipeline's import_model rule)")
+    bench = bench_module()
+    rows, bos_line = bench.run_parity(MODEL_DIR, limit=3, threads=1, log=lambda _: None)
+    assert [row.task for row in rows] == list(bench.HARNESS_TASKS)
+    assert all(row.n == 3 for row in rows)
+    assert [msg for row in rows for msg in row.failures(1e-4)] == []
+    assert bos_line == "no BOS on either side"  # SmolLM2's tokenizer adds none
