@@ -104,12 +104,14 @@ def collect_shard(
     model_name: str,
     progress: bool = False,
     bos_id: int | None = None,
+    compression: str = "fast",
 ) -> None:
     """Write every layer's ``components`` over the shard's tokens into the store ``out_path``.
 
     ``tokens`` is the whole corpus (1-D token ids); ``corpus_slice`` picks the shard. ``dtype``
     is the stored dtype (float16 or bfloat16, also by name). ``bos_id`` defaults to the model
-    config's. The path's suffix picks the backend (``.zarr`` or ``.h5``).
+    config's. The path's suffix picks the backend (``.zarr`` or ``.h5``); ``compression`` its
+    codec (``store.COMPRESSIONS``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -130,7 +132,7 @@ def collect_shard(
         out_path, model=model_name, corpus=corpus_slice, dtype=stored_dtype, provenance=provenance,
         token_block=seq_len,  # appends are whole sequences, so they never share a chunk
         queue_size=model.config.num_hidden_layers * len(components),  # one batch's worth
-        overwrite=True,
+        overwrite=True, compression=compression,
     ) as writer, torch.inference_mode():
         total = math.ceil(len(sequences) / batch_size)
         for batch in tqdm(batches, total=total, desc=f"collect {model_name}", disable=not progress):

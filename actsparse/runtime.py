@@ -55,9 +55,10 @@ class Job:
 
 
 @contextmanager
-def job(snakemake):
+def job(snakemake, device: str | None = None):
     """Context for one workflow script: everything it prints goes to the rule's log file, and a
-    failure is logged with its traceback before Snakemake marks the job failed."""
+    failure is logged with its traceback before Snakemake marks the job failed. ``device``
+    overrides the config's, for jobs that can only run on one kind."""
     log_path = Path(snakemake.log[0])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as stream:
@@ -71,7 +72,7 @@ def job(snakemake):
         params = dict(snakemake.params.items())
         started = time.perf_counter()
         try:
-            with placed(resolve_device(config["device"])) as device:
+            with placed(resolve_device(device or config["device"])) as device:
                 yield Job(device=device, provenance=provenance(config, params, device, config["seed"]))
         except Exception:
             log.exception("job failed")

@@ -16,7 +16,9 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from actsparse import collect, columns, corpora, hooks, methods, models, perplexity, sparsifier, summaries, tables, tasks
+from actsparse import (
+    collect, columns, corpora, hooks, kernels, methods, models, perplexity, sparsifier, summaries, tables, tasks,
+)
 from actsparse.anatomy import anatomy_of
 from actsparse.provenance import write_json
 
@@ -49,6 +51,7 @@ def collect_activations(
     seq_len: int,
     batch_size: int,
     store_dtype: str,
+    compression: str,
     dtype: str,
     device: str,
     provenance: dict,
@@ -60,7 +63,7 @@ def collect_activations(
     log.info("collecting %s over tokens %d..%d", components, shard_slice.token_start, shard_slice.token_stop)
     collect.collect_shard(
         model, tokens, shard_slice, out_path, components, seq_len, batch_size, store_dtype, provenance,
-        Path(model_dir).name, progress=True,
+        Path(model_dir).name, progress=True, compression=compression,
     )
 
 
@@ -124,7 +127,7 @@ def eval_perplexity(
     model, tokenizer = models.load_model(model_dir, device, dtype)
     corpus = corpora.load_corpus(corpus_path)
     window = min(window, model.config.max_position_embeddings)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = models.bos_id(tokenizer)
     with sparsified(model, thresholds, sparsify_tokens) as measured:
         nll, scored = perplexity.sequence_nll(
             model, corpus["input_ids"], bos, window, stride, batch_size, progress=True
@@ -186,6 +189,40 @@ def eval_task(
     return result
 
 
+def decode_speed(
+    model_dir: Path,
+    corpus_path: Path,
+    thresholds: Path,
+    out_path: Path,
+    method: str,
+    sparsity: float,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    kernel: str,
+    dtype: str,
+    provenance: dict,
+) -> dict:
+    """Dense vs sparse decoding tokens/s of one grid point on the CPU (the only device with a
+    sparse kernel so far), after checking that sparse decoding chooses the masked dense model's
+    tokens. The prompt is ``[BOS]`` + the first evaluation tokens."""
+    model, tokenizer = models.load_model(model_dir, "cpu", dtype)
+    text = corpora.load_corpus(corpus_path)["input_ids"][: prompt_tokens - 1]
+    prompt = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])
+    values, _ = methods.load_thresholds(thresholds)
+    max_logit_diff = kernels.sparse_vs_masked(model, values, prompt, min(new_tokens, 16), kernel)
+    speed = kernels.decode_speed(model, values, prompt, new_tokens, repeats, kernel=kernel)
+    result = {
+        "model": Path(model_dir).name, "method": method, "sparsity": sparsity, "device": "cpu", **speed,
+        "max_logit_diff": max_logit_diff, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
+        "repeats": repeats, "kernel": kernel, "threads": torch.get_num_threads(), "provenance": provenance,
+    }
+    log.info("%s %.2f: dense %.1f tok/s, sparse %.1f tok/s, speedup %.3f", method, sparsity,
+             speed["dense_tps"], speed["sparse_tps"], speed["speedup"])
+    write_json(Path(out_path), result)
+    return result
+
+
 @contextmanager
 def sparsified(model, thresholds: list[Path], sparsify_tokens: str) -> Iterator[sparsifier.Measured]:
     """The model masked by the thresholds file (none: the dense baseline), measuring its zeros."""
@@ -226,6 +263,12 @@ def perplexity_table(result_paths: list[Path], out_csv: Path, out_png: Path) -> 
     frame = tables.collect_results(result_paths, columns.PERPLEXITY)
     _write_csv(frame, out_csv)
     tables.plot_perplexity(frame, out_png)
+    return frame
+
+
+def speed_table(result_paths: list[Path], out_csv: Path) -> pd.DataFrame:
+    frame = tables.collect_results(result_paths, columns.SPEED)
+    _write_csv(frame, out_csv)
     return frame
 
 

@@ -1,0 +1,557 @@
+"""Sparse FFN execution for decoding: skip the up_proj rows and down_proj columns of channels
+whose activation a threshold zeroed, so a sparsified model decodes faster, not only smaller.
+
+For a gated FFN ``y = down(act(gate(x)) * up(x))`` with CATS/CHESS thresholds on ``a = act(g)``,
+a zeroed channel ``c`` of ``a`` makes row ``c`` of up_proj and column ``c`` of down_proj useless.
+One decoding step (one token) therefore computes the gate densely, masks ``a`` exactly as
+``hooks.apply_thresholds`` does on ``act``, and runs up and down over the active channels only.
+
+Paths, per call of a sparsified MLP:
+
+* prefill (more than one token): the dense masked computation; with batches of single tokens
+  the active channels differ per row, so that is dense masked too.
+* one token, active fraction <= ``break_even``: a sparse kernel.
+* one token, active fraction above ``break_even``: the dense masked computation, which costs less
+  then (the sparse path pays for finding the active channels and reads gathered rows less
+  efficiently than a dense matvec streams them). Each kernel carries its own ``break_even``,
+  measured by ``bench/bench_decode.py --sweep``; callers may override it.
+
+Kernels (``KERNELS``, chosen by ``make_kernel``, the ``Kernel`` protocol): ``native``, small C
+loops compiled on first use with the system C compiler (float32, CPU), and ``torch``, PyTorch ops
+for any dtype and for machines without a compiler. Each has ``select`` (activations -> active
+values and channels) and a call (x, those -> FFN output), so a GPU (Triton) kernel plugs in as one
+more entry; none exists yet, and sparsifying a model on another device fails early
+(NotImplementedError) instead of silently running dense.
+
+Measured (bench/bench_decode.py, 2-core x86-64, float32, 50% of channels active): FFN time 0.66x
+(Llama-7B-shaped layer) and 0.76-0.80x (SmolLM2-135M) of dense with ``native``, 0.96x and 1.08x
+with ``torch``; whole SmolLM2 decoding steps 1.11-1.13x faster (its FFNs are ~47% of a step).
+
+Memory: both CPU kernels keep one extra copy of each down_proj weight, transposed so a channel's
+column is a contiguous row: 1/3 of the FFN weights (+106 MB float32 for SmolLM2-135M, +2.9 GB
+bfloat16 for a Llama-2-7B). The PyTorch kernel adds a ``CHUNK_BYTES`` scratch per layer. up_proj
+rows (and Phi-3's fused gate/up halves) are used in place; weights are never modified.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actsparse.anatomy import Anatomy, anatomy_of, decoder_layers
+from actsparse.hooks import Key, _threshold, apply_thresholds
+from actsparse.provenance import stable_hash
+
+log = logging.getLogger(__name__)
+
+# The PyTorch kernel gathers active up_proj rows in blocks of this size, so a block is still in
+# cache for the matvec instead of making a second trip to memory.
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class GatedWeights:
+    """One gated FFN's projections as [channels, hidden] / [hidden, channels] tensors (views)."""
+
+    gate: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, layer: nn.Module, anatomy: Anatomy) -> GatedWeights:
+        down = layer.get_submodule(anatomy.down)
+        if anatomy.gate_up:
+            fused = layer.get_submodule(anatomy.gate_up)
+            gate, up = fused.weight.chunk(2, dim=0)
+            gate_bias, up_bias = fused.bias.chunk(2) if fused.bias is not None else (None, None)
+        else:
+            gate_proj, up_proj = layer.get_submodule(anatomy.gate), layer.get_submodule(anatomy.up)
+            gate, gate_bias, up, up_bias = gate_proj.weight, gate_proj.bias, up_proj.weight, up_proj.bias
+        return cls(gate, gate_bias, up, up_bias, down.weight, down.bias)
+
+
+class Kernel(Protocol):
+    """One token's FFN over its active channels; built once per layer."""
+
+    break_even: float  # active fraction above which the dense computation is faster
+    extra_bytes: int  # memory of the layouts it keeps beyond the model's weights
+
+    def select(self, a: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a [channels] -> (active [k], index [k]): the values of ``a`` that are nonzero after
+        masking ``|a| < threshold`` exactly as ``hooks.apply_thresholds`` does, and their channels."""
+        ...
+
+    def __call__(self, x: torch.Tensor, active: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x [hidden] -> ``down(a * up(x))`` [hidden], from what ``select`` returned."""
+        ...
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _masked(a: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return a.masked_fill(a.abs() < threshold, 0)
+
+
+class TorchKernel:
+    """PyTorch ops only, any dtype. up: active rows gathered block by block (``index_select`` into
+    a reused scratch: no allocation, and the block is still in cache for the matvec). down:
+    ``embedding_bag`` with the activations as per-sample weights sums the active rows of
+    ``down.T`` in one fused pass."""
+
+    # bench_decode.py --sweep --kernel torch, 2 threads: FFN time sparse/dense 0.96 and 0.90 at 40%
+    # active (SmolLM2, 7B-shaped layer), 1.08 and 0.96 at 50%
+    break_even = 0.4
+
+    def __init__(self, weights: GatedWeights, chunk_bytes: int = CHUNK_BYTES) -> None:
+        channels, hidden = weights.up.shape
+        self.up, self.up_bias, self.down_bias = weights.up, weights.up_bias, weights.down_bias
+        self.down_rows = weights.down.t().contiguous()
+        block = max(1, min(channels, chunk_bytes // (hidden * weights.up.element_size())))
+        self.scratch = torch.empty(block, hidden, dtype=weights.up.dtype, device=weights.up.device)
+        self.extra_bytes = _nbytes(self.down_rows, self.scratch)
+
+    def select(self, a: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        masked = _masked(a, threshold)
+        index = masked.nonzero().view(-1)
+        return masked[index], index
+
+    def __call__(self, x: torch.Tensor, active: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        h = active * self._up(x, index)
+        y = F.embedding_bag(index[None], self.down_rows, per_sample_weights=h[None], mode="sum")[0]
+        return y if self.down_bias is None else y + self.down_bias
+
+    def _up(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(index.numel(), dtype=x.dtype, device=x.device)
+        block = self.scratch.shape[0]
+        for start in range(0, index.numel(), block):
+            part = index[start : start + block]
+            rows = self.scratch[: part.numel()]
+            torch.index_select(self.up, 0, part, out=rows)
+            torch.mv(rows, x, out=out[start : start + part.numel()])
+        return out if self.up_bias is None else out + self.up_bias[index]
+
+
+# select_active replaces five PyTorch ops; gather_dot (up) and gather_axpy (down) read each active
+# row once, 8 rows side by side (8 concurrent memory streams keep a memory-bound core busy; one row
+# at a time reached ~2/3 of a dense matvec's bandwidth). PyTorch's gather-then-multiply reads each
+# row, writes it and reads it again. bench_decode.py --sweep --kernel torch|native measures both.
+_NATIVE_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+typedef float vec __attribute__((vector_size(32), aligned(4), may_alias)); /* 8 floats, any alignment */
+#define ROWS 8 /* gathered rows read side by side */
+
+static float hsum(vec v) {
+    float s = 0;
+    for (int l = 0; l < 8; l++) s += v[l];
+    return s;
+}
+
+/* The channels c whose a[c] is nonzero and not below t[c * t_step] (NaN stays, as in the mask):
+   their indices and values, compacted; returns how many. */
+int64_t select_active(const float *restrict a, const float *restrict t, int64_t t_step, int64_t n,
+                      int64_t *restrict index, float *restrict active) {
+    int64_t k = 0;
+    for (int64_t c = 0; c < n; c++) {
+        if (!(fabsf(a[c]) < t[c * t_step]) && a[c] != 0) {
+            index[k] = c;
+            active[k++] = a[c];
+        }
+    }
+    return k;
+}
+
+/* out[i] = scale[i] * (w[index[i]] . x + bias[index[i]]); bias may be NULL */
+void gather_dot(const float *restrict w, const float *restrict bias, const int64_t *restrict index, int64_t k,
+                const float *restrict x, int64_t hidden, const float *restrict scale, float *restrict out) {
+    int64_t i = 0;
+    for (; i + ROWS <= k; i += ROWS) {
+        const float *row[ROWS];
+        vec acc[ROWS] = {{0}};
+        for (int q = 0; q < ROWS; q++) row[q] = w + index[i + q] * hidden;
+        int64_t j = 0;
+        for (; j + 8 <= hidden; j += 8) {
+            vec xj = *(const vec *)(x + j);
+            for (int q = 0; q < ROWS; q++) acc[q] += *(const vec *)(row[q] + j) * xj;
+        }
+        for (int q = 0; q < ROWS; q++) {
+            float sum = hsum(acc[q]) + (bias ? bias[index[i + q]] : 0);
+            for (int64_t t = j; t < hidden; t++) sum += row[q][t] * x[t];
+            out[i + q] = scale[i + q] * sum;
+        }
+    }
+    for (; i < k; i++) {
+        const float *row = w + index[i] * hidden;
+        float sum = bias ? bias[index[i]] : 0;
+        for (int64_t t = 0; t < hidden; t++) sum += row[t] * x[t];
+        out[i] = scale[i] * sum;
+    }
+}
+
+/* y = init + sum_i h[i] * w[index[i]]; init may be NULL (zeros) */
+void gather_axpy(const float *restrict w, const float *restrict init, const int64_t *restrict index, int64_t k,
+                 const float *restrict h, int64_t hidden, float *restrict y) {
+    if (init) memcpy(y, init, hidden * sizeof(float)); else memset(y, 0, hidden * sizeof(float));
+    int64_t i = 0;
+    for (; i + ROWS <= k; i += ROWS) {
+        const float *row[ROWS];
+        for (int q = 0; q < ROWS; q++) row[q] = w + index[i + q] * hidden;
+        int64_t j = 0;
+        for (; j + 8 <= hidden; j += 8) {
+            vec acc = *(const vec *)(y + j);
+            for (int q = 0; q < ROWS; q++) acc += h[i + q] * *(const vec *)(row[q] + j);
+            *(vec *)(y + j) = acc;
+        }
+        for (; j < hidden; j++)
+            for (int q = 0; q < ROWS; q++) y[j] += h[i + q] * row[q][j];
+    }
+    for (; i < k; i++) {
+        const float *row = w + index[i] * hidden;
+        for (int64_t j = 0; j < hidden; j++) y[j] += h[i] * row[j];
+    }
+}
+"""
+_NATIVE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """The C loops compiled for this machine (``$CC`` or ``cc``), once per source version, into a
+    per-user folder of the node's temp dir (``-march=native`` binaries must not travel between
+    machines); None when no compiler works, so decoding falls back to ``TorchKernel``."""
+    compiler = os.environ.get("CC", "cc")
+    folder = Path(tempfile.gettempdir()) / f"actsparse-kernels-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():
+        raise PermissionError(f"{folder} belongs to another user; refusing to load code from it")
+    digest = stable_hash([_NATIVE_SOURCE, compiler, *_NATIVE_FLAGS, platform.machine()])
+    library = folder / f"kernels-{digest}.so"
+    if not library.is_file() and not _compile(compiler, library):
+        return None
+    lib = ctypes.CDLL(str(library))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.gather_dot.argtypes = [pointer, pointer, pointer, size, pointer, size, pointer, pointer]
+    lib.gather_axpy.argtypes = [pointer, pointer, pointer, size, pointer, size, pointer]
+    lib.gather_dot.restype = lib.gather_axpy.restype = None
+    lib.select_active.argtypes = [pointer, pointer, size, size, pointer, pointer]
+    lib.select_active.restype = size
+    return lib
+
+
+def _compile(compiler: str, library: Path) -> bool:
+    """Build under a per-process name and rename, so concurrent jobs never load a partial file."""
+    staging = library.with_name(f"{library.stem}.{os.getpid()}")
+    source, built = staging.with_suffix(".c"), staging.with_suffix(".so")
+    source.write_text(_NATIVE_SOURCE)
+    try:
+        command = [compiler, *_NATIVE_FLAGS, str(source), "-o", str(built)]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        reason = getattr(error, "stderr", None) or error
+        log.warning("sparse decoding falls back to the PyTorch kernel; compiling the C kernel failed: %s", reason)
+        return False
+    finally:
+        source.unlink()
+    os.replace(built, library)
+    return True
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeKernel:
+    """The C loops of ``native_library``: float32 on CPU, one thread (on a memory-bound CPU one
+    core streams the rows nearly as fast as two)."""
+
+    # bench_decode.py --sweep, 2 threads: FFN time sparse/dense 0.97 and 0.84 at 80% active
+    # (SmolLM2, 7B-shaped layer), 0.98 and 0.91 at 90%, 1.01 and 0.94 at 100%
+    break_even = 0.8
+
+    def __init__(self, weights: GatedWeights) -> None:
+        self.lib = native_library()
+        up = weights.up
+        if self.lib is None or up.dtype != torch.float32 or up.device.type != "cpu":
+            raise ValueError(f"the native kernel needs a C compiler and float32 on CPU, got {up.dtype} on {up.device}")
+        self.up = up.contiguous()
+        self.up_bias, self.down_bias = weights.up_bias, weights.down_bias
+        self.down_rows = weights.down.t().contiguous()
+        self.extra_bytes = _nbytes(self.down_rows)
+
+    def select(self, a: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One C pass instead of five PyTorch ops (abs, compare, fill, nonzero, gather), whose
+        dispatch cost ~10% of a SmolLM2 FFN's time."""
+        n = a.numel()
+        if a.dtype != torch.float32 or threshold.dtype != torch.float32 or threshold.numel() not in (1, n):
+            got = f"{a.dtype} [{n}], threshold {threshold.dtype} [{threshold.numel()}]"
+            raise TypeError(f"the native kernel selects float32 activations (scalar or per-channel bound), got {got}")
+        a, threshold = a.contiguous(), threshold.contiguous()
+        index, active = torch.empty(n, dtype=torch.int64), torch.empty(n)
+        step = 0 if threshold.numel() == 1 else 1
+        k = self.lib.select_active(a.data_ptr(), threshold.data_ptr(), step, n, index.data_ptr(), active.data_ptr())
+        return active[:k], index[:k]
+
+    def __call__(self, x: torch.Tensor, active: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The C code trusts ``index`` to hold valid channels (as ``select`` gives them): it reads
+        the rows it names without bounds checks."""
+        if index.dtype != torch.int64 or x.dtype != torch.float32 or active.dtype != torch.float32:
+            got = f"{x.dtype}, {active.dtype}, {index.dtype}"
+            raise TypeError(f"the native kernel takes float32 x and activations and an int64 index, got {got}")
+        k, hidden = index.numel(), self.up.shape[1]
+        x, active, index = x.contiguous(), active.contiguous(), index.contiguous()
+        rows = index.data_ptr()
+        h = torch.empty(k)
+        self.lib.gather_dot(
+            self.up.data_ptr(), _pointer(self.up_bias), rows, k, x.data_ptr(), hidden, active.data_ptr(), h.data_ptr()
+        )
+        y = torch.empty(hidden)
+        down = self.down_rows.data_ptr()
+        self.lib.gather_axpy(down, _pointer(self.down_bias), rows, k, h.data_ptr(), hidden, y.data_ptr())
+        return y
+
+
+def make_kernel(weights: GatedWeights, name: str = "auto") -> Kernel:
+    """``auto``: the native kernel where it applies (CPU, float32, a C compiler), else PyTorch.
+    A GPU kernel (Triton) would be one more name here, and ``auto``'s pick on its device."""
+    device = weights.up.device.type
+    if device != "cpu":
+        raise NotImplementedError(f"no sparse decode kernel for device {device!r} yet; kernels run on cpu")
+    if name == "auto":
+        name = "native" if weights.up.dtype == torch.float32 and native_library() is not None else "torch"
+    if name not in KERNELS:
+        raise ValueError(f"unknown sparse decode kernel {name!r}; choose auto or one of {sorted(KERNELS)}")
+    return KERNELS[name](weights)
+
+
+KERNELS: dict[str, Callable[[GatedWeights], Kernel]] = {"torch": TorchKernel, "native": NativeKernel}
+
+
+class SparseGatedMLP(nn.Module):
+    """Stands in for one decoder layer's gated MLP while a model is sparsified for decoding.
+
+    It registers the original MLP's children under their own names, so ``state_dict`` keys do not
+    change. Hooks on the projections do not fire (their weights are read directly); a hook on the
+    activation module does.
+    """
+
+    def __init__(
+        self,
+        original: nn.Module,
+        weights: GatedWeights,
+        act: nn.Module,
+        threshold: torch.Tensor,
+        break_even: float | None = None,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.original = [original]  # a list, so it is not registered a second time
+        self.weights = weights
+        self.act = act
+        self.threshold = threshold
+        self.kernel = make_kernel(weights, kernel)
+        self.break_even = self.kernel.break_even if break_even is None else break_even
+        self.paths: Counter[str] = Counter()
+        self.active_channels = 0  # summed over single-token steps, for the achieved sparsity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        a = self.act(F.linear(x, w.gate, w.gate_bias))
+        if x.shape[:-1].numel() == 1:
+            active, index = self.kernel.select(a.view(-1), self.threshold)
+            self.active_channels += index.numel()
+            if index.numel() <= self.break_even * a.numel():
+                self.paths["sparse"] += 1
+                return self.kernel(x.view(-1), active, index).view_as(x)
+            self.paths["fallback"] += 1
+        else:
+            self.paths["prefill"] += 1
+        masked = _masked(a, self.threshold)
+        return F.linear(masked * F.linear(x, w.up, w.up_bias), w.down, w.down_bias)
+
+
+class SparseDecode:
+    """The MLPs one ``sparsify_for_decode`` call replaced; ``remove()`` (or leaving the ``with``
+    block) puts the original module objects back, ``attach()`` the sparse ones again without
+    rebuilding their layouts. Counts stay readable after removal."""
+
+    def __init__(self, replaced: list[tuple[nn.Module, str, SparseGatedMLP]]) -> None:
+        self._replaced = replaced
+        self.modules = [sparse for _, _, sparse in replaced]
+
+    def attach(self) -> None:
+        for parent, name, sparse in self._replaced:
+            setattr(parent, name, sparse)
+
+    def paths(self) -> Counter[str]:
+        """How many MLP calls took each path: ``prefill``, ``sparse``, ``fallback``."""
+        return sum((m.paths for m in self.modules), Counter())
+
+    def active_fraction(self) -> float:
+        """Mean fraction of active channels over all single-token steps of all sparsified layers."""
+        seen = sum((m.paths["sparse"] + m.paths["fallback"]) * m.weights.up.shape[0] for m in self.modules)
+        return sum(m.active_channels for m in self.modules) / seen if seen else float("nan")
+
+    def extra_bytes(self) -> int:
+        """Memory the kernels' layouts hold beyond the model's own weights."""
+        return sum(m.kernel.extra_bytes for m in self.modules)
+
+    def remove(self) -> None:
+        for parent, name, sparse in self._replaced:
+            setattr(parent, name, sparse.original[0])
+
+    def __enter__(self) -> SparseDecode:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def sparsify_for_decode(
+    model: nn.Module,
+    thresholds: Mapping[Key, torch.Tensor | float],
+    break_even: float | None = None,
+    kernel: str = "auto",
+) -> SparseDecode:
+    """Replace the MLP of every layer that has an ``(layer, "act")`` threshold (scalar for CATS,
+    per-channel vector for CHESS) by a ``SparseGatedMLP``; layers without one stay untouched.
+    ``break_even``: the active fraction above which a step runs dense (default: the kernel's own);
+    ``kernel``: ``auto`` or a name in ``KERNELS``.
+
+    The outputs equal those of ``hooks.apply_thresholds(model, thresholds)`` up to float rounding
+    (a sparse sum adds in another order). Build it after moving the model to its device and dtype:
+    the kernels' layouts are copies made here.
+    """
+    anatomy = anatomy_of(model)
+    if not anatomy.gated:
+        raise ValueError(f"{anatomy.family} has no gated FFN; sparse decoding needs gate, act and up")
+    other = sorted({component for _, component in thresholds} - {"act"})
+    if other:
+        raise ValueError(f"sparse decoding thresholds 'act' only, got components {other}")
+    if break_even is not None and not 0 <= break_even <= 1:
+        raise ValueError(f"break_even is a fraction of channels in [0, 1], got {break_even}")
+    layers = decoder_layers(model, anatomy)
+    bad = sorted(index for index, _ in thresholds if not 0 <= index < len(layers))
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range; the model has {len(layers)} decoder layers")
+    mlp_path, _, _ = anatomy.down.rpartition(".")
+    parent_path, _, mlp_name = mlp_path.rpartition(".")
+    replaced = []  # all built before any is swapped in, so bad input leaves the model as it was
+    for (index, _), value in sorted(thresholds.items()):
+        layer = layers[index]
+        weights = GatedWeights.of(layer, anatomy)
+        threshold = _threshold(value, weights.up.shape[0], (index, "act"), weights.up)
+        act = layer.get_submodule(anatomy.act)
+        sparse = SparseGatedMLP(layer.get_submodule(mlp_path), weights, act, threshold, break_even, kernel)
+        replaced.append((layer.get_submodule(parent_path), mlp_name, sparse))
+    handle = SparseDecode(replaced)
+    handle.attach()
+    return handle
+
+
+@dataclass(frozen=True)
+class Decoded:
+    ids: torch.Tensor  # [new_tokens] greedy choices
+    logits: torch.Tensor  # [new_tokens, vocab] the logits each choice was taken from
+    step_seconds: list[float]  # wall time of each single-token step (prefill excluded)
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, before_step: Callable[[int], object] | None = None
+) -> Decoded:
+    """Batch-1 greedy decoding with a KV cache, like ``generate(do_sample=False)`` without its
+    per-step extras (logits processors, stopping checks) and without stopping at EOS, so every run
+    decodes exactly ``new_tokens`` and the timing is the model's alone. ``before_step(i)`` runs
+    untimed before single-token step ``i``."""
+    ids = torch.as_tensor(prompt_ids).view(1, -1).to(next(model.parameters()).device)
+    if new_tokens < 1 or ids.shape[1] < 1:
+        raise ValueError(f"greedy_decode needs a prompt and new_tokens >= 1, got {ids.shape[1]} tokens, {new_tokens}")
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    logits, seconds = [out.logits[0, -1]], []
+    for step in range(new_tokens - 1):
+        if before_step:
+            before_step(step)
+        start = time.perf_counter()
+        out = model(input_ids=logits[-1].argmax().view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+        seconds.append(time.perf_counter() - start)
+        logits.append(out.logits[0, -1])
+    stacked = torch.stack(logits)
+    return Decoded(stacked.argmax(-1), stacked, seconds)
+
+
+def sparse_vs_masked(
+    model: nn.Module, thresholds: Mapping[Key, torch.Tensor | float], prompt_ids: torch.Tensor, new_tokens: int,
+    kernel: str = "auto",
+) -> float:
+    """Max |logit difference| between sparse decoding (kernel forced on every step) and the masked
+    dense model (``hooks.apply_thresholds``) over ``new_tokens`` greedy tokens; raises if they
+    choose different tokens, so a speed is never reported for a kernel that computes something else."""
+    with apply_thresholds(model, thresholds):
+        reference = greedy_decode(model, prompt_ids, new_tokens)
+    with sparsify_for_decode(model, thresholds, break_even=1.0, kernel=kernel):
+        sparse = greedy_decode(model, prompt_ids, new_tokens)
+    if not torch.equal(sparse.ids, reference.ids):
+        raise AssertionError(f"sparse decoding chose other tokens than masked dense: {sparse.ids} vs {reference.ids}")
+    return float((sparse.logits - reference.logits).abs().max())
+
+
+def decode_speed(
+    model: nn.Module,
+    thresholds: Mapping[Key, torch.Tensor | float],
+    prompt_ids: torch.Tensor,
+    new_tokens: int,
+    repeats: int = 3,
+    break_even: float | None = None,
+    kernel: str = "auto",
+) -> dict[str, float]:
+    """Decoding tokens/s of the dense model and of the model sparsified for decoding.
+
+    ``repeats`` greedy runs of ``new_tokens``, whose single-token steps alternate between the dense
+    and the sparse MLPs (swapping modules is free); tokens/s is one over a side's median step
+    time. Both sides thus see the same KV-cache lengths and, step by step, the same load from other
+    processes, which a run-by-run comparison on a shared machine does not. Prefill is not timed.
+    """
+    if new_tokens < 3:
+        raise ValueError("decode_speed needs new_tokens >= 3: the first token comes from prefill, then one step a side")
+    handle = sparsify_for_decode(model, thresholds, break_even, kernel)
+    steps: dict[bool, list[float]] = {False: [], True: []}  # is the step sparse -> its times
+    try:
+        for _ in range(repeats):
+            timed = greedy_decode(model, prompt_ids, new_tokens, lambda step: _use(handle, sparse=step % 2 == 1))
+            for step, seconds in enumerate(timed.step_seconds):
+                steps[step % 2 == 1].append(seconds)
+    finally:
+        handle.remove()
+    dense, sparse = (1 / statistics.median(steps[side]) for side in (False, True))
+    return {"dense_tps": dense, "sparse_tps": sparse, "speedup": sparse / dense}
+
+
+def _use(handle: SparseDecode, sparse: bool) -> None:
+    if sparse:
+        handle.attach()
+    else:
+        handle.remove()
