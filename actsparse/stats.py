@@ -53,9 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from actsparse.anatomy import COMPONENTS
+from actsparse.provenance import write_safetensors
 
 Key = tuple[int, str]  # (layer index, component)
 
@@ -288,9 +289,7 @@ class StoreStats:
             name = array_name(*key)
             arrays |= {f"{name}/{part}": getattr(stats, part) for part in _PARTS}
         header = {"format": STATS_FORMAT, "keys": json.dumps(sorted(self._stats))}
-        partial = path.with_name(path.name + ".partial")
-        save_file(arrays, partial, metadata=header)
-        os.replace(partial, path)
+        write_safetensors(path, save(arrays, metadata=header))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StoreStats:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,8 +13,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 from actsparse import columns  # noqa: E402
+from actsparse.anatomy import activation_name, anatomy_for  # noqa: E402
+from actsparse.provenance import figure_metadata  # noqa: E402
 
 
 def collect_results(paths: Sequence[Path], table_columns: Sequence[str]) -> pd.DataFrame:
@@ -46,6 +52,62 @@ def downstream(paths: Sequence[Path]) -> pd.DataFrame:
     return table.sort_values(keys + ["is_average", "task"]).drop(columns="is_average").reset_index(drop=True)
 
 
+def perplexity_wide(frame: pd.DataFrame) -> pd.DataFrame:
+    """The perplexity table as papers print it: rows (model, method), one ppl column per target
+    sparsity (labelled with two decimals, as in paths), ``0.00`` being the dense baseline."""
+    frame = with_dense_baseline(frame)
+    wide = frame.pivot(index=list(columns.PERPLEXITY_WIDE_KEYS), columns="target_sparsity", values="ppl")
+    wide.columns = [f"{s:.2f}" for s in wide.columns]
+    return wide.reset_index()
+
+
+def downstream_wide(frame: pd.DataFrame) -> pd.DataFrame:
+    """CHESS's downstream table: rows (model, method, target sparsity); acc of every task in the
+    table's order, their average, and the fraction of FFN weight work still done."""
+    keys = list(columns.DOWNSTREAM_WIDE_KEYS)
+    tasks = [t for t in dict.fromkeys(frame.task) if t != columns.AVERAGE_TASK] + [columns.AVERAGE_TASK]
+    wide = frame.pivot(index=keys, columns="task", values="acc")[tasks]
+    average = frame[frame.task == columns.AVERAGE_TASK].set_index(keys)
+    wide[columns.ACTIVATED_FFN_PARAMS] = 1 - average.skipped_ffn_params
+    wide.columns.name = None
+    return wide.reset_index()
+
+
+def model_facts(model_dir: Path) -> dict:
+    """One row of the seed paper's Table I, from the checkpoint's config.json and the tensor shapes
+    in its safetensors headers: no weight is read, so a 70B model costs what a tiny one does.
+    Counts match ``anatomy.model_summary`` of the loaded model (tied weights are stored once)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    anatomy = anatomy_for(config.model_type)
+    projections = "|".join(map(re.escape, anatomy.ffn_projections))
+    ffn = re.compile(rf"{re.escape(anatomy.layers)}\.\d+\.({projections})\.")  # e.g. model.layers.3.mlp.up_proj.
+    sizes = _tensor_sizes(Path(model_dir))
+    total = sum(sizes.values())
+    return {
+        "model": Path(model_dir).name,
+        "family": anatomy.family,
+        "activation": activation_name(config),
+        "parameters": total,
+        "layers": config.num_hidden_layers,
+        "ffn_share": sum(n for name, n in sizes.items() if ffn.match(name)) / total,
+    }
+
+
+def _tensor_sizes(model_dir: Path) -> dict[str, int]:
+    """Elements of every stored tensor, over all shards of the checkpoint."""
+    sizes = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as stored:
+            sizes |= {name: math.prod(stored.get_slice(name).get_shape()) for name in stored.keys()}
+    return sizes
+
+
+def models_table(model_dirs: Sequence[Path]) -> pd.DataFrame:
+    """The seed paper's Table I: family, activation, parameters, layers and FFN share per model."""
+    frame = pd.DataFrame([model_facts(d) for d in model_dirs], columns=list(columns.MODELS))
+    return frame.sort_values("model", ignore_index=True)
+
+
 def plot_perplexity(frame: pd.DataFrame, png: Path) -> None:
     """The seed paper's Fig 8: perplexity against achieved sparsity, one panel per model and one
     curve per method, each starting at the dense baseline."""
@@ -67,6 +129,6 @@ def save_figure(fig, png: Path) -> None:
     """PNG and PDF side by side, without timestamps so reruns write identical bytes."""
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=150, metadata={"Software": None})
-    fig.savefig(png.with_suffix(".pdf"), metadata={"Creator": None, "Producer": None, "CreationDate": None})
+    for path in (png, png.with_suffix(".pdf")):
+        fig.savefig(path, dpi=150, metadata=figure_metadata(path))
     plt.close(fig)

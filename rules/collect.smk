@@ -1,12 +1,3 @@
-from actsparse.methods import requirements
-
-
-def collected_components():
-    """Every component some configured method fits on (non-gated models skip `up` at run time)."""
-    needed = {c for m in METHODS for c in requirements(m, method_params(m)).collect}
-    return sorted(needed)
-
-
 rule collect_activations:
     input:
         model="results/models/{model}",
@@ -20,6 +11,7 @@ rule collect_activations:
         seq_len=config["collection"]["seq_len"],
         batch_size=config["collection"]["batch_size"],
         store_dtype=config["collection"]["dtype"],
+        compression=config["collection"]["compression"],
         dtype=config["dtype"],
     log:
         f"{LOGS}/collect_activations/{{model}}/shard-{{shard}}.log",
@@ -57,9 +49,24 @@ rule stats_tables:
         weights="results/tables/weights.csv",
         sparsity="results/tables/natural_sparsity.csv",
         cdf="results/tables/activation_cdf.csv",
-        weights_figure="results/figures/weights.png",
-        sparsity_figure="results/figures/natural_sparsity.png",
-        cdf_figure="results/figures/activation_cdf.png",
+        weights_figure=report(
+            "results/figures/weights.png",
+            caption="../report/figures/weights.rst",
+            category="Weights and activations",
+            subcategory="Figures",
+        ),
+        sparsity_figure=report(
+            "results/figures/natural_sparsity.png",
+            caption="../report/figures/natural_sparsity.rst",
+            category="Weights and activations",
+            subcategory="Figures",
+        ),
+        cdf_figure=report(
+            "results/figures/activation_cdf.png",
+            caption="../report/figures/activation_cdf.rst",
+            category="Weights and activations",
+            subcategory="Figures",
+        ),
         pdfs=multiext("results/figures/", "weights.pdf", "natural_sparsity.pdf", "activation_cdf.pdf"),
     params:
         models=MODELS,

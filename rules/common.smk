@@ -1,5 +1,7 @@
 import shutil
 
+from actsparse.methods import requirements
+
 from snakemake.utils import validate
 
 
@@ -17,15 +19,21 @@ STORE_SUFFIX = {"zarr": "zarr", "hdf5": "h5"}[config["collection"]["backend"]]
 
 
 def check_config():
-    """What the schema cannot say: sparsities must be path-exact with two decimals, and task
-    methods must be configured methods."""
-    levels = config["sparsities"] + config["tasks"]["sparsities"]
+    """What the schema cannot say: sparsities must be path-exact with two decimals, and the
+    methods that tasks and patterns use must be configured methods."""
+    levels = (config["sparsities"] + config["tasks"]["sparsities"] + config["speed"]["sparsities"]
+              + [config["patterns"]["sparsity"]])
     inexact = [s for s in levels if abs(round(s * 100) - s * 100) > 1e-9]
     if inexact:
         raise ValueError(f"config sparsities must have at most two decimals, got {inexact}")
     unknown = [m for m in config["tasks"]["methods"] if m not in METHODS]
     if unknown:
         raise ValueError(f"config tasks.methods names {unknown}, which are not under methods: {METHODS}")
+    unknown = [m for m in config["speed"]["methods"] if m not in METHODS]
+    if unknown:
+        raise ValueError(f"config speed.methods names {unknown}, which are not under methods: {METHODS}")
+    if config["patterns"]["method"] not in METHODS:
+        raise ValueError(f"config patterns.method {config['patterns']['method']!r} is not under methods: {METHODS}")
 
 
 check_config()
@@ -71,6 +79,15 @@ def task_results():
     ]
 
 
+def speed_results():
+    return [
+        f"results/eval/speed/{model}/{method}/{label(sparsity)}.json"
+        for model in MODELS
+        for method in config["speed"]["methods"]
+        for sparsity in config["speed"]["sparsities"]
+    ]
+
+
 def store_path(model, shard):
     return f"results/activations/{model}/calibration/shard-{shard}.{STORE_SUFFIX}"
 
@@ -82,6 +99,11 @@ def method_params(method):
     if method.startswith("chess"):
         params["seq_len"] = config["collection"]["seq_len"]
     return params
+
+
+def collected_components():
+    """Every component some configured method fits on (non-gated models skip `up` at run time)."""
+    return sorted({c for m in METHODS for c in requirements(m, method_params(m)).collect})
 
 
 def thresholds_of(wildcards):
@@ -99,7 +121,12 @@ def final_targets():
         "results/tables/weights.csv",
         "results/tables/natural_sparsity.csv",
         "results/tables/activation_cdf.csv",
-    ]
+        "results/tables/pattern_match.csv",
+        "results/tables/pattern_match_table_ii.csv",
+        "results/tables/predictor.csv",
+        "results/tables/prefetch.csv",
+        "results/tables/provenance.csv",  # built last, from every table's sidecar (rules/report.smk)
+    ] + (["results/tables/speed.csv"] if config["speed"]["methods"] else [])
 
 
 def uses_gpu():

@@ -11,7 +11,10 @@ rule pattern_match:
     output:
         table="results/patterns/{model}/match.csv",
         summary="results/patterns/{model}/match.json",
-        heatmaps=expand("results/figures/patterns/{{model}}/heatmaps_{strategy}.png", strategy=PATTERNS["strategies"]),
+        heatmaps=[
+            report(png, caption="../report/figures/heatmaps.rst", category="Activation patterns", subcategory="{model}")
+            for png in expand("results/figures/patterns/{{model}}/heatmaps_{strategy}.png", strategy=PATTERNS["strategies"])
+        ],
         heatmaps_pdf=expand("results/figures/patterns/{{model}}/heatmaps_{strategy}.pdf", strategy=PATTERNS["strategies"]),
     params:
         samples=PATTERNS["samples"],
@@ -44,7 +47,12 @@ rule pattern_predictor:
         predictor="results/patterns/{model}/predictor.csv",
         prefetch="results/patterns/{model}/prefetch.csv",
         summary="results/patterns/{model}/predictor.json",
-        figure="results/figures/patterns/{model}/prefetch.png",
+        figure=report(
+            "results/figures/patterns/{model}/prefetch.png",
+            caption="../report/figures/prefetch.rst",
+            category="Activation patterns",
+            subcategory="{model}",
+        ),
         figure_pdf="results/figures/patterns/{model}/prefetch.pdf",
     params:
         window=PATTERNS["length"],

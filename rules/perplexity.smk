@@ -29,7 +29,12 @@ rule perplexity_table:
         ppl_results(),
     output:
         table="results/tables/perplexity.csv",
-        figure="results/figures/perplexity.png",
+        figure=report(
+            "results/figures/perplexity.png",
+            caption="../report/figures/perplexity.rst",
+            category="Perplexity",
+            subcategory="Figures",
+        ),
         figure_pdf="results/figures/perplexity.pdf",
     log:
         f"{LOGS}/perplexity_table.log",

@@ -2,6 +2,7 @@ import pandas as pd
 import pytest
 
 from actsparse.cli import compare_tables, main
+from test_report import assert_booktabs
 
 
 def write_table(results, name, frame):
@@ -32,3 +33,12 @@ def test_show_names_the_available_tables_when_one_is_missing(tmp_path):
     write_table(tmp_path, "downstream", pd.DataFrame({"x": [1]}))
     with pytest.raises(SystemExit, match="available: downstream"):
         main(["show", "perplexity", "--results", str(tmp_path)])
+
+
+def test_show_prints_the_markdown_or_latex_the_pipeline_writes(tmp_path, capsys):
+    frame = pd.DataFrame({"model": ["m"], "method": ["chess+"], "0.50": [12.345678]})
+    write_table(tmp_path, "perplexity_wide", frame)
+    assert main(["show", "perplexity_wide", "--results", str(tmp_path), "--format", "latex"]) == 0
+    assert_booktabs(capsys.readouterr().out, 3)
+    assert main(["show", "perplexity_wide", "--results", str(tmp_path), "--format", "markdown"]) == 0
+    assert "| m       | chess+   |  12.35 |" in capsys.readouterr().out

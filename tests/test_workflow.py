@@ -1,7 +1,10 @@
-"""The whole workflow on a tiny model: runs, reruns as a no-op, and rejects bad config early."""
+"""The whole workflow on a tiny model: runs, reruns as a no-op, runs again bit for bit, publishes
+every table and the report, and rejects bad config early."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +13,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from actsparse import columns
+from actsparse import columns, publish
+from actsparse.anatomy import model_summary
+from actsparse.models import load_model
 from conftest import REPO
+from test_report import assert_booktabs
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
 
@@ -29,6 +35,9 @@ def tiny_config(**overrides) -> dict:
         "collection": {"shards": 2, "seq_len": 64, "batch_size": 4},
         "perplexity": {"window": 64, "batch_size": 4},
         "tasks": {"names": ["arc_easy", "winogrande"], "limit": 3, "methods": ["cats"], "sparsities": [0.5]},
+        "patterns": {
+            "samples": 1, "length": 64, "predictor": {"train_tokens": 256, "eval_tokens": 128, "hidden": 16, "epochs": 2},
+        },
         "threads": 1,
     }
     config.update(overrides)
@@ -38,7 +47,7 @@ def tiny_config(**overrides) -> dict:
 def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = SNAKEMAKE + ["--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)  # a hang guard; ~2 min on an idle 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -103,20 +112,104 @@ def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
     return counts
 
 
+# a new perplexity table is rendered (render_table), and its wide layout and the provenance table rebuilt
+PERPLEXITY_PUBLISHED = {"perplexity_table": 1, "render_table": 1, "build_table": 2, "all": 1}
+
+
 def test_changing_the_evaluation_window_reruns_perplexity_only(finished_run):
     jobs = planned_jobs(finished_run, tiny_config(perplexity={"window": 32, "batch_size": 4}))
-    assert jobs == {"eval_perplexity": 3, "perplexity_table": 1, "all": 1}
+    assert jobs == {"eval_perplexity": 3, **PERPLEXITY_PUBLISHED}
 
 
 def test_adding_one_sparsity_level_runs_only_its_own_jobs(finished_run):
     jobs = planned_jobs(finished_run, tiny_config(sparsities=[0.5, 0.3]))
-    # one new level for each of the two methods: select + evaluate, then the table
-    assert jobs == {"select_thresholds": 2, "eval_perplexity": 2, "perplexity_table": 1, "all": 1}
+    # one new level for each of the two methods: select + evaluate, then the tables
+    assert jobs == {"select_thresholds": 2, "eval_perplexity": 2, **PERPLEXITY_PUBLISHED}
 
 
 def test_changing_a_method_parameter_reruns_that_method_only(finished_run):
     jobs = planned_jobs(finished_run, tiny_config(methods={"cats": {}, "chess": {"quantile_mode": "per_sample"}}))
-    assert jobs == {"fit_thresholds": 1, "select_thresholds": 1, "eval_perplexity": 1, "perplexity_table": 1, "all": 1}
+    assert jobs == {"fit_thresholds": 1, "select_thresholds": 1, "eval_perplexity": 1, **PERPLEXITY_PUBLISHED}
+
+
+# every table of the tiny run: speed is not configured
+PUBLISHED = sorted(set(publish.TABLES) - {"speed"})
+
+
+def test_every_table_is_published_in_every_format_with_provenance(finished_run):
+    directory = finished_run / "results/tables"
+    assert sorted(p.stem for p in directory.glob("*.csv")) == PUBLISHED
+    for name in PUBLISHED:
+        csv = directory / f"{name}.csv"
+        frame = pd.read_csv(csv)
+        assert len(frame) and not any(str(c).startswith("Unnamed") for c in frame.columns), name
+        assert_booktabs((directory / f"{name}.tex").read_text(), len(frame.columns))
+        assert (directory / f"{name}.md").read_text().count("\n") == len(frame) + 2, name  # header, rule, rows
+        sidecar = json.loads((directory / f"{name}.provenance.json").read_text())
+        assert sidecar["csv_sha256"] == hashlib.sha256(csv.read_bytes()).hexdigest(), name
+        assert {"config_hash", "code_version", "packages", "device", "seed"} <= set(sidecar["provenance"])
+        assert sidecar["provenance"]["code_version"] in (directory / f"{name}.html").read_text()
+
+
+def test_the_provenance_table_lists_every_json_result_and_table(finished_run):
+    table = pd.read_csv(finished_run / "results/tables/provenance.csv")
+    results = finished_run / "results"
+    expected = [p.relative_to(finished_run) for p in results.glob("eval/**/*.json")]
+    expected += [p.relative_to(finished_run) for p in results.glob("patterns/*/*.json")]
+    expected += [Path(publish.table_path(name, ".provenance.json")) for name in PUBLISHED if name != "provenance"]
+    assert sorted(table.file) == sorted(map(str, expected))
+    assert table.config_hash.nunique() == 1 and (table.device == "cpu").all() and (table.seed == 0).all()
+
+
+def test_paper_layouts_of_the_tiny_run(finished_run):
+    tables = finished_run / "results/tables"
+    models = pd.read_csv(tables / "models.csv").to_dict("records")
+    summary = model_summary(load_model(finished_run / "results/models/tiny-llama")[0])
+    assert models == [{"model": "tiny-llama", **{key: summary[key] for key in columns.MODELS[1:]}}]
+    perplexity = pd.read_csv(tables / "perplexity.csv").set_index("method")
+    wide = pd.read_csv(tables / "perplexity_wide.csv").set_index("method")
+    assert list(wide.columns) == ["model", "0.00", "0.50"] and list(wide.index) == ["cats", "chess"]
+    assert (wide["0.00"] == perplexity.loc["dense", "ppl"]).all()
+    assert wide.loc["chess", "0.50"] == perplexity.loc["chess", "ppl"]
+    downstream = pd.read_csv(tables / "downstream_wide.csv")
+    assert list(downstream.columns) == [*columns.DOWNSTREAM_WIDE_KEYS, "arc_easy", "winogrande", columns.AVERAGE_TASK,
+                                        columns.ACTIVATED_FFN_PARAMS]
+    assert list(zip(downstream.method, downstream.target_sparsity)) == [("cats", 0.5), ("dense", 0.0)]
+    assert 0.3 < downstream.activated_ffn_params[0] < 0.8 and downstream.activated_ffn_params[1] > 0.99
+
+
+def test_report_builds_offline_with_every_table_and_figure(finished_run):
+    out = finished_run / "report.html"
+    run = snakemake(finished_run, tiny_config(), "--report", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    page = out.read_text()
+    for name in PUBLISHED:
+        assert f'"{name}.html"' in page, name
+    for figure in ("perplexity", "weights", "natural_sparsity", "activation_cdf"):
+        assert f'"{figure}.png"' in page, figure
+    for category in {publish.TABLES[name].category for name in PUBLISHED}:
+        assert category in page, category
+
+
+# what a second run must reproduce byte for byte: thresholds and every result and table (logs and
+# benchmarks hold timings)
+REPRODUCED = ("thresholds", "eval", "tables", "patterns", "stats")
+
+
+def test_two_fresh_runs_write_identical_bytes(finished_run, tmp_path_factory):
+    again = tmp_path_factory.mktemp("workflow-again")
+    run = snakemake(again, tiny_config())
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = "results/eval/ppl/tiny-llama/dense/0.00.json"
+    versions = {json.loads((d / result).read_text())["provenance"]["code_version"] for d in (finished_run, again)}
+    if len(versions) > 1:
+        pytest.skip(f"the code changed between the two runs: {sorted(versions)}")
+    files = {d: sorted(p.relative_to(d) for s in REPRODUCED for p in (d / "results" / s).rglob("*") if p.is_file())
+             for d in (finished_run, again)}
+    assert files[finished_run] == files[again]
+    assert any(p.suffix == ".safetensors" and p.parts[1] == "thresholds" for p in files[again])
+    differing = [str(p) for p in files[again] if (finished_run / p).read_bytes() != (again / p).read_bytes()]
+    assert differing == []
 
 
 @pytest.mark.parametrize(
