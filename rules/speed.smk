@@ -18,8 +18,7 @@ rule decode_speed:
     resources:
         mem_mb=8000,
         runtime=30,
-    # all local cores: a timing never shares the machine with another job of this workflow
-    threads: workflow.cores
+    threads: config["threads"]
     conda:
         ENV
     script:
