@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile config/profiles/default --cores $(CORES)
 
@@ -23,7 +24,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -m "not slow" -q
 
-test-slow: $(STAMP)
+test-slow: $(DEV_STAMP)
 	$(BIN)/pytest -m slow -q
 
 dry-run: $(STAMP)
@@ -38,7 +39,6 @@ report: $(STAMP)
 
 # Zero-shot scoring parity with lm-evaluation-harness (a dev dependency) and the speed of both;
 # needs the imported SmolLM2 model (results/models/smollm2-135m).
-DEV_STAMP := $(VENV)/.installed-dev
 PARITY_ARGS ?= --limit 20
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt

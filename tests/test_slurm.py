@@ -42,7 +42,8 @@ def slurm_cluster() -> Iterator[Path]:
     cluster_dir = Path(tempfile.mkdtemp(prefix="actsparse-slurm-"))
     try:
         start = subprocess.run([CLUSTER, "start", cluster_dir], capture_output=True, text=True, env=slurm_env(), timeout=600)
-        if start.returncode == CANNOT_INSTALL:
+        if start.returncode == CANNOT_INSTALL and not os.environ.get("CI"):
+            # a developer's machine without root or apt; CI must run this test, so there it fails
             pytest.skip(f"no SLURM cluster on this machine: {start.stderr.strip()}")
         assert start.returncode == 0, start.stdout + start.stderr
         yield cluster_dir

@@ -219,6 +219,10 @@ def test_two_fresh_runs_write_identical_bytes(finished_run, tmp_path_factory):
         ({"perplexity": {"window": 1}}, "window"),
         ({"device": "tpu"}, "device"),
         ({"models": {"m": {"tiny": {"family": "rwkv"}}}}, "rwkv"),
+        ({"methods": {"cats": {}}, "speed": {"methods": ["chess"]}}, "speed.methods"),
+        ({"speed": {"methods": ["teal"]}}, "teal"),  # no sparse decode kernel thresholds teal's inputs
+        ({"patterns": {"method": "layer"}}, "patterns.method"),
+        ({"patterns": {"sparsity": 0.505}}, "0.505"),
     ],
 )
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, overrides, message):
