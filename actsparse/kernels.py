@@ -38,25 +38,20 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
-import platform
 import statistics
-import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actsparse import native
 from actsparse.anatomy import Anatomy, anatomy_of, decoder_layers
 from actsparse.hooks import Key, _threshold, apply_thresholds
-from actsparse.provenance import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -233,24 +228,13 @@ void gather_axpy(const float *restrict w, const float *restrict init, const int6
     }
 }
 """
-_NATIVE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
-
-
 @functools.cache
 def native_library() -> ctypes.CDLL | None:
-    """The C loops compiled for this machine (``$CC`` or ``cc``), once per source version, into a
-    per-user folder of the node's temp dir (``-march=native`` binaries must not travel between
-    machines); None when no compiler works, so decoding falls back to ``TorchKernel``."""
-    compiler = os.environ.get("CC", "cc")
-    folder = Path(tempfile.gettempdir()) / f"actsparse-kernels-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    if folder.stat().st_uid != os.getuid():
-        raise PermissionError(f"{folder} belongs to another user; refusing to load code from it")
-    digest = stable_hash([_NATIVE_SOURCE, compiler, *_NATIVE_FLAGS, platform.machine()])
-    library = folder / f"kernels-{digest}.so"
-    if not library.is_file() and not _compile(compiler, library):
+    """The C loops compiled for this machine; None when no compiler works, so decoding falls back
+    to ``TorchKernel``."""
+    lib = native.load("sparse decode kernel", _NATIVE_SOURCE)
+    if lib is None:
         return None
-    lib = ctypes.CDLL(str(library))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.gather_dot.argtypes = [pointer, pointer, pointer, size, pointer, size, pointer, pointer]
     lib.gather_axpy.argtypes = [pointer, pointer, pointer, size, pointer, size, pointer]
@@ -258,24 +242,6 @@ def native_library() -> ctypes.CDLL | None:
     lib.select_active.argtypes = [pointer, pointer, size, size, pointer, pointer]
     lib.select_active.restype = size
     return lib
-
-
-def _compile(compiler: str, library: Path) -> bool:
-    """Build under a per-process name and rename, so concurrent jobs never load a partial file."""
-    staging = library.with_name(f"{library.stem}.{os.getpid()}")
-    source, built = staging.with_suffix(".c"), staging.with_suffix(".so")
-    source.write_text(_NATIVE_SOURCE)
-    try:
-        command = [compiler, *_NATIVE_FLAGS, str(source), "-o", str(built)]
-        subprocess.run(command, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as error:
-        reason = getattr(error, "stderr", None) or error
-        log.warning("sparse decoding falls back to the PyTorch kernel; compiling the C kernel failed: %s", reason)
-        return False
-    finally:
-        source.unlink()
-    os.replace(built, library)
-    return True
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:

@@ -28,6 +28,11 @@ sums would halve that again but are off by ~1e-7 relatively, one float32 unit: e
 CHESS's float32 ``m_c``, so its thresholds would no longer equal the formula's. In float64,
 squares are exact and the relative error of a sum is at most ``rows * 2**-53``.
 
+On the CPU both come from one small C function (``native``), one pass over the values: ~1.5 ns
+per value against ~4 ns for the PyTorch ops, which stay the path on a GPU and where no C compiler
+works. Its counts are identical and its sums, accumulated row by row in float64, agree to
+``rows * 2**-53`` as well.
+
 ``summarize`` computes one batch's contribution on the batch's device (a GPU included) and
 moves only the counts and sums to the host; ``add`` folds it in. Store writers split the two:
 the summary is computed wherever the values are, the folding happens on the writer thread.
@@ -42,6 +47,7 @@ and the list of keys. No pickle anywhere.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import numbers
@@ -55,6 +61,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save
 
+from actsparse import native
 from actsparse.anatomy import COMPONENTS
 from actsparse.provenance import write_safetensors
 
@@ -112,12 +119,67 @@ class BatchSummary:
         return len(self.sum_abs)
 
 
-def summarize(batch: torch.Tensor) -> BatchSummary:
-    """A ``[tokens, channels]`` float16/bfloat16 batch's counts and sums, computed on its device."""
+_NATIVE_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#define TABLES 4 /* interleaved count tables: runs of one value (zeros) never wait on one counter */
+#define BLOCK (1LL << 30) /* values per flush, so no uint32 count overflows */
+
+/* Adds a row-major [rows, cols] array of 16-bit floats (their bit patterns) into patterns (the
+   count of each magnitude bit pattern, sign cleared) and per-column float64 sums of |x| and x^2,
+   magnitude[p] being the value of pattern p. Returns -1 if out of memory, else 0. */
+int summarize16(const uint16_t *restrict x, int64_t rows, int64_t cols, const float *restrict magnitude,
+                int64_t *restrict patterns, double *restrict sum_abs, double *restrict sum_sq) {
+    uint32_t (*counts)[32768] = calloc(TABLES, sizeof *counts);
+    if (!counts) return -1;
+    int64_t n = rows * cols;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t stop = n - start < BLOCK ? n : start + BLOCK, i = start;
+        for (; i + TABLES <= stop; i += TABLES)
+            for (int t = 0; t < TABLES; t++) counts[t][x[i + t] & 0x7fff]++;
+        for (; i < stop; i++) counts[0][x[i] & 0x7fff]++;
+        for (int p = 0; p < 32768; p++)
+            for (int t = 0; t < TABLES; t++) { patterns[p] += counts[t][p]; counts[t][p] = 0; }
+    }
+    free(counts);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *row = x + r * cols;
+        for (int64_t c = 0; c < cols; c++) {
+            double v = magnitude[row[c] & 0x7fff];
+            sum_abs[c] += v;
+            sum_sq[c] += v * v;
+        }
+    }
+    return 0;
+}
+"""
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """The C summary compiled for this machine; None (PyTorch ops instead) without a compiler."""
+    lib = native.load("stats summary", _NATIVE_SOURCE)
+    if lib is not None:
+        lib.summarize16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4]
+        lib.summarize16.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def _magnitudes(dtype: torch.dtype) -> torch.Tensor:
+    """float32 value of every non-negative bit pattern of a 16-bit float dtype (exact)."""
+    return torch.arange(_PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).float()
+
+
+def summarize(batch: torch.Tensor, use_native: bool = True) -> BatchSummary:
+    """A ``[tokens, channels]`` float16/bfloat16 batch's counts and sums, computed on its device
+    (on the CPU by the C function unless ``use_native`` is False or it could not be built)."""
     if batch.ndim != 2:
         raise ValueError(f"batch must be 2-D [tokens, channels], got shape {list(batch.shape)}")
     if batch.dtype not in STATS_DTYPES:
         raise ValueError(f"stats take stored values (float16, bfloat16), got {batch.dtype}")
+    if use_native and batch.device.type == "cpu" and native_library() is not None:
+        return _summarize_native(batch.detach().contiguous())
     magnitudes = batch.detach().view(torch.int16) & 0x7FFF  # |x|: the sign bit cleared
     patterns = torch.bincount(magnitudes.reshape(-1), minlength=_PATTERNS)
     sums = torch.zeros(2, batch.shape[1], dtype=torch.float64, device=batch.device)
@@ -127,6 +189,18 @@ def summarize(batch: torch.Tensor) -> BatchSummary:
         sums[1] += values.square_().sum(0)
     sum_abs, sum_sq = sums.cpu().numpy()
     return BatchSummary(batch.dtype, patterns.cpu().numpy(), sum_abs, sum_sq)
+
+
+def _summarize_native(batch: torch.Tensor) -> BatchSummary:
+    patterns = np.zeros(_PATTERNS, dtype=np.int64)
+    sum_abs, sum_sq = np.zeros((2, batch.shape[1]), dtype=np.float64)
+    status = native_library().summarize16(
+        batch.data_ptr(), batch.shape[0], batch.shape[1], _magnitudes(batch.dtype).data_ptr(),
+        patterns.ctypes.data, sum_abs.ctypes.data, sum_sq.ctypes.data,
+    )
+    if status:
+        raise MemoryError("no memory for the statistics' count tables")
+    return BatchSummary(batch.dtype, patterns, sum_abs, sum_sq)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ the best over repeats; on a shared machine the CPU column is the steadier one. B
 the store's size on disk (its statistics file excluded) over the activation values it holds.
 
     .venv/bin/python bench/bench_collect.py [MODEL_DIR] [--tokens 2048] [--seq-len 512]
-        [--batch-size 4] [--components gate act up h attn_in o_in] [--dtype float16] [--repeats 1]
+        [--batch-size 4] [--components act attn_in ffn_in gate h o_in up] [--dtype float16] [--repeats 1]
         [--threads N]
 """
 
@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--components", nargs="+", default=["gate", "act", "up", "h", "attn_in", "o_in"])
+    parser.add_argument("--components", nargs="+", default=["act", "attn_in", "ffn_in", "gate", "h", "o_in", "up"])
     parser.add_argument("--dtype", default="float16", choices=sorted(STORED_DTYPES))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

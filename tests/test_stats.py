@@ -52,9 +52,20 @@ def stats_of(*batches: torch.Tensor) -> TensorStats:
     return stats
 
 
-@pytest.mark.parametrize("block_values", [None, 24 * 16])  # default; 16-row blocks, one partial
+@pytest.fixture(params=["native", "torch"])
+def summary_path(request, monkeypatch) -> str:
+    """Each test taking this runs on the C summary and on the PyTorch ops (the GPU's and the
+    no-compiler fallback)."""
+    if request.param == "native":
+        assert stats_module.native_library() is not None, "the C summary must build where tests run"
+    else:
+        monkeypatch.setattr(stats_module, "native_library", lambda: None)
+    return request.param
+
+
+@pytest.mark.parametrize("block_values", [None, 24 * 16])  # torch path: default; 16-row blocks, one partial
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_update_matches_numpy_on_the_stored_values(dtype, block_values, monkeypatch) -> None:
+def test_update_matches_numpy_on_the_stored_values(dtype, block_values, summary_path, monkeypatch) -> None:
     if block_values:
         monkeypatch.setattr(stats_module, "SUM_BLOCK_VALUES", block_values)
     x = activations(dtype)
@@ -74,7 +85,7 @@ def test_update_matches_numpy_on_the_stored_values(dtype, block_values, monkeypa
     np.testing.assert_allclose(stats.channel_mean_square(), (values**2).mean(0), rtol=RTOL)
 
 
-def test_sums_of_batches_of_many_blocks_match_numpy() -> None:
+def test_sums_of_batches_of_many_blocks_match_numpy(summary_path) -> None:
     rng = np.random.default_rng(7)
     x = torch.from_numpy(rng.lognormal(0, 2, size=(12_000, 40))).to(torch.float16)
     values = x.to(torch.float64).numpy()
@@ -82,6 +93,33 @@ def test_sums_of_batches_of_many_blocks_match_numpy() -> None:
     summary = summarize(x)
     np.testing.assert_allclose(summary.sum_abs, np.abs(values).sum(0), rtol=RTOL)
     np.testing.assert_allclose(summary.sum_sq, (values**2).sum(0), rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_c_summary_equals_the_pytorch_ops(dtype: torch.dtype) -> None:
+    """Same counts and sums on a transposed (non-contiguous) batch, with inf, -0, subnormals and
+    long runs of zeros (the interleaved count tables' case)."""
+    x = activations(dtype, tokens=500, channels=33, seed=3)
+    x[:200] = 0
+    x[200, :3] = torch.tensor([float("inf"), -0.0, 2.0**-20])
+    x = x.t()
+    native, torch_ops = summarize(x), summarize(x, use_native=False)
+    assert np.array_equal(native.patterns, torch_ops.patterns)
+    assert native.patterns[0] >= 200 * 33
+    np.testing.assert_allclose(native.sum_abs, torch_ops.sum_abs, rtol=RTOL)
+    np.testing.assert_allclose(native.sum_sq, torch_ops.sum_sq, rtol=RTOL)
+
+
+def test_stats_work_without_a_c_compiler(monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    stats_module.native_library.cache_clear()
+    try:
+        assert stats_module.native_library() is None
+        assert "compiling the C stats summary failed" in caplog.text
+        x = activations(torch.float16)
+        assert stats_of(x).hist.tolist() == reference_hist(x).tolist()
+    finally:
+        stats_module.native_library.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
