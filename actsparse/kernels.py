@@ -1,12 +1,15 @@
-"""Sparse FFN execution for decoding: skip the up_proj rows and down_proj columns of channels
-whose activation a threshold zeroed, so a sparsified model decodes faster, not only smaller.
+"""Sparse execution for decoding: skip the weights whose inputs a threshold zeroed, so a
+sparsified model decodes faster, not only smaller. Thresholds on ``act`` (CATS, CHESS) skip the
+up_proj rows and down_proj columns of zeroed channels (``SparseGatedMLP``); thresholds on a
+projection's input (TEAL's seven, CHESS+'s q and o) skip the weight columns of zeroed inputs
+(``SparseInputLinear``: ``y = b + sum over active c of x[c] * W[:, c]``, from a transposed copy).
 
 For a gated FFN ``y = down(act(gate(x)) * up(x))`` with CATS/CHESS thresholds on ``a = act(g)``,
 a zeroed channel ``c`` of ``a`` makes row ``c`` of up_proj and column ``c`` of down_proj useless.
 One decoding step (one token) therefore computes the gate densely, masks ``a`` exactly as
 ``hooks.apply_thresholds`` does on ``act``, and runs up and down over the active channels only.
 
-Paths, per call of a sparsified MLP:
+Paths, per call of a sparsified MLP or projection:
 
 * prefill (more than one token): the dense masked computation; with batches of single tokens
   the active channels differ per row, so that is dense masked too.
@@ -16,21 +19,23 @@ Paths, per call of a sparsified MLP:
   efficiently than a dense matvec streams them). Each kernel carries its own ``break_even``,
   measured by ``bench/bench_decode.py --sweep``; callers may override it.
 
-Kernels (``KERNELS``, chosen by ``make_kernel``, the ``Kernel`` protocol): ``native``, small C
-loops compiled on first use with the system C compiler (float32, CPU), and ``torch``, PyTorch ops
-for any dtype and for machines without a compiler. Each has ``select`` (activations -> active
-values and channels) and a call (x, those -> FFN output), so a GPU (Triton) kernel plugs in as one
-more entry; none exists yet, and sparsifying a model on another device fails early
-(NotImplementedError) instead of silently running dense.
+Kernels (``KERNELS`` for gated FFNs, ``LINEAR_KERNELS`` for projections, both picked by name):
+``native``, small C loops (``actsparse.native``) compiled on first use with the system C compiler
+(float32, CPU), and ``torch``, PyTorch ops for any dtype and for machines without a compiler.
+Each has a ``step`` (one token's selection and sparse product; the native one a single C call),
+so a GPU (Triton) kernel plugs in as one more entry; none exists yet, and sparsifying a model on
+another device fails early (NotImplementedError) instead of silently running dense.
 
-Measured (bench/bench_decode.py, 2-core x86-64, float32, 50% of channels active): FFN time 0.66x
-(Llama-7B-shaped layer) and 0.76-0.80x (SmolLM2-135M) of dense with ``native``, 0.96x and 1.08x
-with ``torch``; whole SmolLM2 decoding steps 1.11-1.13x faster (its FFNs are ~47% of a step).
+Measured (bench/RESULTS.md, 2-core x86-64, float32, 50% sparsity, native): FFN time 0.66x of
+dense on a Llama-7B-shaped layer; whole SmolLM2-135M decoding steps 1.15-1.17x faster with CATS
+or CHESS (its FFNs are ~40% of a step's time), 1.23x with CHESS+, 1.46x with TEAL.
 
 Memory: both CPU kernels keep one extra copy of each down_proj weight, transposed so a channel's
 column is a contiguous row: 1/3 of the FFN weights (+106 MB float32 for SmolLM2-135M, +2.9 GB
-bfloat16 for a Llama-2-7B). The PyTorch kernel adds a ``CHUNK_BYTES`` scratch per layer. up_proj
-rows (and Phi-3's fused gate/up halves) are used in place; weights are never modified.
+bfloat16 for a Llama-2-7B); a projection with a sparse input keeps its whole weight transposed
+(TEAL: every projection, so the decoder layers' weights twice). The PyTorch kernel adds a
+``CHUNK_BYTES`` scratch per layer. up_proj rows (and Phi-3's fused gate/up halves) are used in
+place; weights are never modified.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import statistics
 import time
 from collections import Counter
@@ -51,7 +57,7 @@ from torch import nn
 
 from actsparse import native
 from actsparse.anatomy import Anatomy, anatomy_of, decoder_layers
-from actsparse.hooks import Key, _threshold, apply_thresholds
+from actsparse.hooks import INPUT_COMPONENTS, Key, _sites, _threshold, apply_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,11 @@ class Kernel(Protocol):
         """x [hidden] -> ``down(a * up(x))`` [hidden], from what ``select`` returned."""
         ...
 
+    def step(self, x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
+        """``select`` then the call, as one decoding step uses them: (the FFN output, or None when
+        more than ``max_active`` channels are active, and the active count)."""
+        ...
+
 
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -135,6 +146,11 @@ class TorchKernel:
         h = active * self._up(x, index)
         y = F.embedding_bag(index[None], self.down_rows, per_sample_weights=h[None], mode="sum")[0]
         return y if self.down_bias is None else y + self.down_bias
+
+    def step(self, x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
+        active, index = self.select(a, threshold)
+        k = index.numel()
+        return (self(x, active, index) if k <= max_active else None), k
 
     def _up(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         out = torch.empty(index.numel(), dtype=x.dtype, device=x.device)
@@ -227,7 +243,34 @@ void gather_axpy(const float *restrict w, const float *restrict init, const int6
         for (int64_t j = 0; j < hidden; j++) y[j] += h[i] * row[j];
     }
 }
+
+/* One token's FFN in one call: select_active, then, if at most max_active channels are active,
+   y = down(a * up(x)) over them. Returns the active count (y untouched when above max_active). */
+int64_t sparse_ffn(const float *restrict a, const float *restrict t, int64_t t_step, int64_t n, int64_t max_active,
+                   const float *restrict up, const float *restrict up_bias, const float *restrict down_rows,
+                   const float *restrict down_bias, const float *restrict x, int64_t hidden,
+                   int64_t *restrict index, float *restrict active, float *restrict h, float *restrict y) {
+    int64_t k = select_active(a, t, t_step, n, index, active);
+    if (k > max_active) return k;
+    gather_dot(up, up_bias, index, k, x, hidden, active, h);
+    gather_axpy(down_rows, down_bias, index, k, h, hidden, y);
+    return k;
+}
+
+/* One token through a projection whose input x is thresholded: y = bias + sum over the active
+   inputs c of x[c] * w_rows[c] (w_rows: the weight transposed). Returns the active count (y
+   untouched when above max_active). */
+int64_t sparse_linear(const float *restrict x, const float *restrict t, int64_t t_step, int64_t n, int64_t max_active,
+                      const float *restrict w_rows, const float *restrict bias, int64_t out,
+                      int64_t *restrict index, float *restrict active, float *restrict y) {
+    int64_t k = select_active(x, t, t_step, n, index, active);
+    if (k > max_active) return k;
+    gather_axpy(w_rows, bias, index, k, active, out, y);
+    return k;
+}
 """
+
+
 @functools.cache
 def native_library() -> ctypes.CDLL | None:
     """The C loops compiled for this machine; None when no compiler works, so decoding falls back
@@ -240,7 +283,10 @@ def native_library() -> ctypes.CDLL | None:
     lib.gather_axpy.argtypes = [pointer, pointer, pointer, size, pointer, size, pointer]
     lib.gather_dot.restype = lib.gather_axpy.restype = None
     lib.select_active.argtypes = [pointer, pointer, size, size, pointer, pointer]
-    lib.select_active.restype = size
+    lib.select_active.restype = lib.sparse_ffn.restype = size
+    lib.sparse_ffn.argtypes = [pointer, pointer, size, size, size, *[pointer] * 5, size, *[pointer] * 4]
+    lib.sparse_linear.argtypes = [pointer, pointer, size, size, size, pointer, pointer, size, *[pointer] * 3]
+    lib.sparse_linear.restype = size
     return lib
 
 
@@ -265,6 +311,8 @@ class NativeKernel:
         self.up_bias, self.down_bias = weights.up_bias, weights.down_bias
         self.down_rows = weights.down.t().contiguous()
         self.extra_bytes = _nbytes(self.down_rows)
+        channels = up.shape[0]  # step's scratch, reused: the active channels, values, and up outputs
+        self._index, self._active, self._h = torch.empty(channels, dtype=torch.int64), torch.empty(channels), torch.empty(channels)
 
     def select(self, a: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One C pass instead of five PyTorch ops (abs, compare, fill, nonzero, gather), whose
@@ -298,20 +346,93 @@ class NativeKernel:
         return y
 
 
-def make_kernel(weights: GatedWeights, name: str = "auto") -> Kernel:
+    def step(self, x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
+        """One C call instead of two plus ``select``'s, on reused scratch: the Python and allocation
+        cost between them was ~5% of a SmolLM2 decoding step."""
+        n, hidden = a.numel(), self.up.shape[1]
+        if a.dtype != torch.float32 or x.dtype != torch.float32 or threshold.dtype != torch.float32 or threshold.numel() not in (1, n):
+            raise TypeError(f"the native kernel takes float32 x, activations and threshold, got {x.dtype}, {a.dtype}, {threshold.dtype}")
+        a, x, threshold = a.contiguous(), x.contiguous(), threshold.contiguous()
+        y = torch.empty(hidden)
+        k = self.lib.sparse_ffn(
+            a.data_ptr(), threshold.data_ptr(), 0 if threshold.numel() == 1 else 1, n, max_active,
+            self.up.data_ptr(), _pointer(self.up_bias), self.down_rows.data_ptr(), _pointer(self.down_bias),
+            x.data_ptr(), hidden, self._index.data_ptr(), self._active.data_ptr(), self._h.data_ptr(), y.data_ptr(),
+        )
+        return (y if k <= max_active else None), k
+
+
+class TorchLinearKernel:
+    """A projection with a thresholded input, in PyTorch ops: ``embedding_bag`` sums the rows of
+    the transposed weight that the active inputs pick, weighted by them."""
+
+    break_even = TorchKernel.break_even  # the same gather as TorchKernel's down_proj
+    select = TorchKernel.select
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.rows, self.bias = weight.t().contiguous(), bias
+        self.extra_bytes = _nbytes(self.rows)
+
+    def step(self, x: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
+        """x [in] -> (``W @ masked(x) + b`` [out], or None above ``max_active`` active inputs; their count)."""
+        active, index = self.select(x, threshold)
+        if index.numel() > max_active:
+            return None, index.numel()
+        y = F.embedding_bag(index[None], self.rows, per_sample_weights=active[None], mode="sum")[0]
+        return (y if self.bias is None else y + self.bias), index.numel()
+
+
+class NativeLinearKernel:
+    """A projection with a thresholded input in one C call (``sparse_linear``): float32 on CPU."""
+
+    break_even = NativeKernel.break_even  # the same gather as NativeKernel's down_proj
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.lib = native_library()
+        if self.lib is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(f"the native kernel needs a C compiler and float32 on CPU, got {weight.dtype} on {weight.device}")
+        self.rows, self.bias = weight.t().contiguous(), bias
+        self.extra_bytes = _nbytes(self.rows)
+        inputs = weight.shape[1]
+        self._index, self._active = torch.empty(inputs, dtype=torch.int64), torch.empty(inputs)
+
+    def step(self, x: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
+        n, out = x.numel(), self.rows.shape[1]
+        if x.dtype != torch.float32 or threshold.dtype != torch.float32 or threshold.numel() not in (1, n):
+            raise TypeError(f"the native kernel takes float32 input and threshold, got {x.dtype}, {threshold.dtype}")
+        x, threshold = x.contiguous(), threshold.contiguous()
+        y = torch.empty(out)
+        k = self.lib.sparse_linear(
+            x.data_ptr(), threshold.data_ptr(), 0 if threshold.numel() == 1 else 1, n, max_active,
+            self.rows.data_ptr(), _pointer(self.bias), out, self._index.data_ptr(), self._active.data_ptr(), y.data_ptr(),
+        )
+        return (y if k <= max_active else None), k
+
+
+def _kernel_name(weight: torch.Tensor, name: str) -> str:
     """``auto``: the native kernel where it applies (CPU, float32, a C compiler), else PyTorch.
     A GPU kernel (Triton) would be one more name here, and ``auto``'s pick on its device."""
-    device = weights.up.device.type
-    if device != "cpu":
-        raise NotImplementedError(f"no sparse decode kernel for device {device!r} yet; kernels run on cpu")
+    if weight.device.type != "cpu":
+        raise NotImplementedError(f"no sparse decode kernel for device {weight.device.type!r} yet; kernels run on cpu")
     if name == "auto":
-        name = "native" if weights.up.dtype == torch.float32 and native_library() is not None else "torch"
+        return "native" if weight.dtype == torch.float32 and native_library() is not None else "torch"
     if name not in KERNELS:
         raise ValueError(f"unknown sparse decode kernel {name!r}; choose auto or one of {sorted(KERNELS)}")
-    return KERNELS[name](weights)
+    return name
+
+
+def make_kernel(weights: GatedWeights, name: str = "auto") -> Kernel:
+    """The gated-FFN kernel ``name`` (see ``_kernel_name``) over one layer's weights."""
+    return KERNELS[_kernel_name(weights.up, name)](weights)
+
+
+def make_linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None, name: str = "auto"):
+    """The thresholded-input kernel ``name`` (see ``_kernel_name``) of one projection."""
+    return LINEAR_KERNELS[_kernel_name(weight, name)](weight, bias)
 
 
 KERNELS: dict[str, Callable[[GatedWeights], Kernel]] = {"torch": TorchKernel, "native": NativeKernel}
+LINEAR_KERNELS = {"torch": TorchLinearKernel, "native": NativeLinearKernel}
 
 
 class SparseGatedMLP(nn.Module):
@@ -340,18 +461,20 @@ class SparseGatedMLP(nn.Module):
         self.threshold = threshold
         self.kernel = make_kernel(weights, kernel)
         self.break_even = self.kernel.break_even if break_even is None else break_even
+        self.max_active = math.floor(self.break_even * weights.up.shape[0])  # the sparse path's limit
         self.paths: Counter[str] = Counter()
+        self.channels = weights.up.shape[0]  # width of the thresholded vector
         self.active_channels = 0  # summed over single-token steps, for the achieved sparsity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights
         a = self.act(F.linear(x, w.gate, w.gate_bias))
         if x.shape[:-1].numel() == 1:
-            active, index = self.kernel.select(a.view(-1), self.threshold)
-            self.active_channels += index.numel()
-            if index.numel() <= self.break_even * a.numel():
+            y, active = self.kernel.step(x.view(-1), a.view(-1), self.threshold, self.max_active)
+            self.active_channels += active
+            if y is not None:
                 self.paths["sparse"] += 1
-                return self.kernel(x.view(-1), active, index).view_as(x)
+                return y.view_as(x)
             self.paths["fallback"] += 1
         else:
             self.paths["prefill"] += 1
@@ -359,12 +482,46 @@ class SparseGatedMLP(nn.Module):
         return F.linear(masked * F.linear(x, w.up, w.up_bias), w.down, w.down_bias)
 
 
+class SparseInputLinear(nn.Module):
+    """Stands in for a projection whose input a threshold sparsifies (TEAL's seven, CHESS+'s q and
+    o): one token's output sums the transposed weight's rows of the active inputs only. It holds
+    the original's weight and bias under their own names, so ``state_dict`` keys do not change."""
+
+    def __init__(self, original: nn.Linear, threshold: torch.Tensor, break_even: float | None = None,
+                 kernel: str = "auto") -> None:
+        super().__init__()
+        self.original = [original]  # a list, so it is not registered a second time
+        self.weight, self.bias = original.weight, original.bias
+        self.threshold = threshold
+        self.kernel = make_linear_kernel(original.weight, original.bias, kernel)
+        self.break_even = self.kernel.break_even if break_even is None else break_even
+        self.channels = original.in_features
+        self.max_active = math.floor(self.break_even * self.channels)
+        self.paths: Counter[str] = Counter()
+        self.active_channels = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() == 1:
+            y, active = self.kernel.step(x.view(-1), self.threshold, self.max_active)
+            self.active_channels += active
+            if y is not None:
+                self.paths["sparse"] += 1
+                return y.view(*x.shape[:-1], -1)
+            self.paths["fallback"] += 1
+        else:
+            self.paths["prefill"] += 1
+        return F.linear(_masked(x, self.threshold), self.weight, self.bias)
+
+
+SparseModule = SparseGatedMLP | SparseInputLinear
+
+
 class SparseDecode:
-    """The MLPs one ``sparsify_for_decode`` call replaced; ``remove()`` (or leaving the ``with``
+    """The modules one ``sparsify_for_decode`` call replaced; ``remove()`` (or leaving the ``with``
     block) puts the original module objects back, ``attach()`` the sparse ones again without
     rebuilding their layouts. Counts stay readable after removal."""
 
-    def __init__(self, replaced: list[tuple[nn.Module, str, SparseGatedMLP]]) -> None:
+    def __init__(self, replaced: list[tuple[nn.Module, str, SparseModule]]) -> None:
         self._replaced = replaced
         self.modules = [sparse for _, _, sparse in replaced]
 
@@ -373,12 +530,12 @@ class SparseDecode:
             setattr(parent, name, sparse)
 
     def paths(self) -> Counter[str]:
-        """How many MLP calls took each path: ``prefill``, ``sparse``, ``fallback``."""
+        """How many sparsified module calls took each path: ``prefill``, ``sparse``, ``fallback``."""
         return sum((m.paths for m in self.modules), Counter())
 
     def active_fraction(self) -> float:
-        """Mean fraction of active channels over all single-token steps of all sparsified layers."""
-        seen = sum((m.paths["sparse"] + m.paths["fallback"]) * m.weights.up.shape[0] for m in self.modules)
+        """Mean fraction of active channels over all single-token steps of all sparsified modules."""
+        seen = sum((m.paths["sparse"] + m.paths["fallback"]) * m.channels for m in self.modules)
         return sum(m.active_channels for m in self.modules) / seen if seen else float("nan")
 
     def extra_bytes(self) -> int:
@@ -401,41 +558,67 @@ def sparsify_for_decode(
     thresholds: Mapping[Key, torch.Tensor | float],
     break_even: float | None = None,
     kernel: str = "auto",
+    kv_dense: bool = False,
 ) -> SparseDecode:
-    """Replace the MLP of every layer that has an ``(layer, "act")`` threshold (scalar for CATS,
-    per-channel vector for CHESS) by a ``SparseGatedMLP``; layers without one stay untouched.
-    ``break_even``: the active fraction above which a step runs dense (default: the kernel's own);
-    ``kernel``: ``auto`` or a name in ``KERNELS``.
+    """Replace what each threshold sparsifies by a module that skips the work it zeroes:
 
-    The outputs equal those of ``hooks.apply_thresholds(model, thresholds)`` up to float rounding
-    (a sparse sum adds in another order). Build it after moving the model to its device and dtype:
-    the kernels' layouts are copies made here.
+    * ``(layer, "act")`` (scalar for CATS, per-channel for CHESS): the layer's gated MLP by a
+      ``SparseGatedMLP``;
+    * an input component (``ffn_in``, ``h``, ``attn_in``, ``o_in``; TEAL, CHESS+): every projection
+      it feeds (as ``hooks.apply_thresholds`` masks them, ``kv_dense`` keeping k and v dense) by a
+      ``SparseInputLinear``.
+
+    Modules without a threshold stay untouched. ``break_even``: the active fraction above which a
+    step runs dense (default: the kernel's own); ``kernel``: ``auto`` or a name in ``KERNELS``.
+
+    The outputs equal those of ``hooks.apply_thresholds(model, thresholds, kv_dense=kv_dense)`` up
+    to float rounding (a sparse sum adds in another order). Build it after moving the model to its
+    device and dtype: the kernels' layouts are copies made here.
     """
     anatomy = anatomy_of(model)
-    if not anatomy.gated:
-        raise ValueError(f"{anatomy.family} has no gated FFN; sparse decoding needs gate, act and up")
-    other = sorted({component for _, component in thresholds} - {"act"})
-    if other:
-        raise ValueError(f"sparse decoding thresholds 'act' only, got components {other}")
+    components = {component for _, component in thresholds}
+    unsupported = sorted(components - {"act", *INPUT_COMPONENTS})
+    if unsupported:
+        raise ValueError(f"sparse decoding thresholds act and {', '.join(INPUT_COMPONENTS)}, got {unsupported}")
+    if "act" in components and not anatomy.gated:
+        raise ValueError(f"{anatomy.family} has no gated FFN; skipping channels of act needs gate, act and up")
     if break_even is not None and not 0 <= break_even <= 1:
         raise ValueError(f"break_even is a fraction of channels in [0, 1], got {break_even}")
     layers = decoder_layers(model, anatomy)
     bad = sorted(index for index, _ in thresholds if not 0 <= index < len(layers))
     if bad:
         raise ValueError(f"layer indices {bad} out of range; the model has {len(layers)} decoder layers")
-    mlp_path, _, _ = anatomy.down.rpartition(".")
-    parent_path, _, mlp_name = mlp_path.rpartition(".")
+    both = sorted(i for i, c in thresholds if c == "act" and {(i, "ffn_in"), (i, "h")} & thresholds.keys())
+    if both:
+        raise ValueError(f"layers {both} threshold act and an FFN input; sparse decoding takes one or the other")
     replaced = []  # all built before any is swapped in, so bad input leaves the model as it was
-    for (index, _), value in sorted(thresholds.items()):
+    for (index, component), value in sorted(thresholds.items()):
         layer = layers[index]
-        weights = GatedWeights.of(layer, anatomy)
-        threshold = _threshold(value, weights.up.shape[0], (index, "act"), weights.up)
-        act = layer.get_submodule(anatomy.act)
-        sparse = SparseGatedMLP(layer.get_submodule(mlp_path), weights, act, threshold, break_even, kernel)
-        replaced.append((layer.get_submodule(parent_path), mlp_name, sparse))
+        if component == "act":
+            replaced.append(_sparse_mlp(layer, anatomy, value, index, break_even, kernel))
+        else:
+            for site in _sites(anatomy, component, kv_dense):
+                replaced.append(_sparse_linear(layer, site.path, value, (index, component), break_even, kernel))
     handle = SparseDecode(replaced)
     handle.attach()
     return handle
+
+
+def _sparse_mlp(layer: nn.Module, anatomy: Anatomy, value, index: int, break_even, kernel: str):
+    mlp_path, _, _ = anatomy.down.rpartition(".")
+    parent_path, _, mlp_name = mlp_path.rpartition(".")
+    weights = GatedWeights.of(layer, anatomy)
+    threshold = _threshold(value, weights.up.shape[0], (index, "act"), weights.up)
+    act = layer.get_submodule(anatomy.act)
+    sparse = SparseGatedMLP(layer.get_submodule(mlp_path), weights, act, threshold, break_even, kernel)
+    return layer.get_submodule(parent_path), mlp_name, sparse
+
+
+def _sparse_linear(layer: nn.Module, path: str, value, key: Key, break_even, kernel: str):
+    parent_path, _, name = path.rpartition(".")
+    linear = layer.get_submodule(path)
+    threshold = _threshold(value, linear.in_features, key, linear.weight)
+    return layer.get_submodule(parent_path), name, SparseInputLinear(linear, threshold, break_even, kernel)
 
 
 @dataclass(frozen=True)
@@ -471,14 +654,14 @@ def greedy_decode(
 
 def sparse_vs_masked(
     model: nn.Module, thresholds: Mapping[Key, torch.Tensor | float], prompt_ids: torch.Tensor, new_tokens: int,
-    kernel: str = "auto",
+    kernel: str = "auto", kv_dense: bool = False,
 ) -> float:
     """Max |logit difference| between sparse decoding (kernel forced on every step) and the masked
     dense model (``hooks.apply_thresholds``) over ``new_tokens`` greedy tokens; raises if they
     choose different tokens, so a speed is never reported for a kernel that computes something else."""
-    with apply_thresholds(model, thresholds):
+    with apply_thresholds(model, thresholds, kv_dense=kv_dense):
         reference = greedy_decode(model, prompt_ids, new_tokens)
-    with sparsify_for_decode(model, thresholds, break_even=1.0, kernel=kernel):
+    with sparsify_for_decode(model, thresholds, break_even=1.0, kernel=kernel, kv_dense=kv_dense):
         sparse = greedy_decode(model, prompt_ids, new_tokens)
     if not torch.equal(sparse.ids, reference.ids):
         raise AssertionError(f"sparse decoding chose other tokens than masked dense: {sparse.ids} vs {reference.ids}")
@@ -493,6 +676,7 @@ def decode_speed(
     repeats: int = 3,
     break_even: float | None = None,
     kernel: str = "auto",
+    kv_dense: bool = False,
 ) -> dict[str, float]:
     """Decoding tokens/s of the dense model and of the model sparsified for decoding.
 
@@ -503,7 +687,7 @@ def decode_speed(
     """
     if new_tokens < 3:
         raise ValueError("decode_speed needs new_tokens >= 3: the first token comes from prefill, then one step a side")
-    handle = sparsify_for_decode(model, thresholds, break_even, kernel)
+    handle = sparsify_for_decode(model, thresholds, break_even, kernel, kv_dense)
     steps: dict[bool, list[float]] = {False: [], True: []}  # is the step sparse -> its times
     try:
         for _ in range(repeats):

@@ -203,15 +203,16 @@ def decode_speed(
     dtype: str,
     provenance: dict,
 ) -> dict:
-    """Dense vs sparse decoding tokens/s of one grid point on the CPU (the only device with a
-    sparse kernel so far), after checking that sparse decoding chooses the masked dense model's
+    """Dense vs sparse decoding tokens/s of one grid point on the CPU (the only device with
+    sparse kernels so far), after checking that sparse decoding chooses the masked dense model's
     tokens. The prompt is ``[BOS]`` + the first evaluation tokens."""
     model, tokenizer = models.load_model(model_dir, "cpu", dtype)
     text = corpora.load_corpus(corpus_path)["input_ids"][: prompt_tokens - 1]
     prompt = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])
-    values, _ = methods.load_thresholds(thresholds)
-    max_logit_diff = kernels.sparse_vs_masked(model, values, prompt, min(new_tokens, 16), kernel)
-    speed = kernels.decode_speed(model, values, prompt, new_tokens, repeats, kernel=kernel)
+    values, metadata = methods.load_thresholds(thresholds)
+    kv_dense = methods.requirements(metadata["method"], gated=anatomy_of(model).gated).kv_dense
+    max_logit_diff = kernels.sparse_vs_masked(model, values, prompt, min(new_tokens, 16), kernel, kv_dense)
+    speed = kernels.decode_speed(model, values, prompt, new_tokens, repeats, kernel=kernel, kv_dense=kv_dense)
     result = {
         "model": Path(model_dir).name, "method": method, "sparsity": sparsity, "device": "cpu", **speed,
         "max_logit_diff": max_logit_diff, "prompt_tokens": len(prompt), "new_tokens": new_tokens,

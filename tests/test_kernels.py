@@ -16,6 +16,8 @@ from actsparse.kernels import (
     Decoded,
     GatedWeights,
     NativeKernel,
+    SparseGatedMLP,
+    SparseInputLinear,
     TorchKernel,
     decode_speed,
     greedy_decode,
@@ -24,7 +26,7 @@ from actsparse.kernels import (
     sparse_vs_masked,
     sparsify_for_decode,
 )
-from actsparse.models import tiny_model
+from actsparse.models import TINY_FAMILIES, tiny_model
 
 GATED = ("llama", "mistral", "phi3", "gemma")
 SPARSITIES = (0.0, 0.3, 0.5, 0.9)
@@ -38,21 +40,30 @@ def _model(family: str) -> torch.nn.Module:
 
 
 @cache
-def _abs_act(family: str) -> dict[int, np.ndarray]:
-    """|act| of every layer over the prompt, the calibration data of these tests."""
+def _abs_values(family: str, component: str) -> dict[int, np.ndarray]:
+    """|component| of every layer over the prompt, the calibration data of these tests."""
     values: dict[int, np.ndarray] = {}
     model = _model(family)
-    with capture(model, ["act"], lambda layer, _, v: values.__setitem__(layer, v.abs().flatten().numpy())):
+    with capture(model, [component], lambda layer, _, v: values.__setitem__(layer, v.abs().flatten().numpy())):
         model(PROMPT[None])
     return values
 
 
+def percentiles(family: str, components: tuple[str, ...], sparsity: float) -> dict:
+    """One magnitude threshold per (layer, component): CATS on ``act``, TEAL on the inputs."""
+    return {
+        (layer, component): float(np.percentile(v, 100 * sparsity))
+        for component in components
+        for layer, v in _abs_values(family, component).items()
+    }
+
+
 def cats(family: str, sparsity: float) -> dict:
-    return {(layer, "act"): float(np.percentile(v, 100 * sparsity)) for layer, v in _abs_act(family).items()}
+    return percentiles(family, ("act",), sparsity)
 
 
-def _decode_masked(model, thresholds) -> Decoded:
-    with apply_thresholds(model, thresholds):
+def _decode_masked(model, thresholds, kv_dense: bool = False) -> Decoded:
+    with apply_thresholds(model, thresholds, kv_dense=kv_dense):
         return greedy_decode(model, PROMPT, STEPS)
 
 
@@ -87,6 +98,44 @@ def test_channel_thresholds_equal_masked_dense(family):
         got = greedy_decode(model, PROMPT, STEPS)
     _assert_same_decode(got, _decode_masked(model, thresholds))
     assert handle.paths()["sparse"] == len(thresholds) * (STEPS - 1)
+
+
+TEAL_INPUTS = ("ffn_in", "h", "attn_in", "o_in")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_sparse_inputs_of_all_projections_equal_masked_dense(family, kernel):
+    """TEAL: every projection of every family, fused ones (Phi-3's qkv and gate_up) included."""
+    model = _model(family)
+    thresholds = percentiles(family, TEAL_INPUTS, 0.5)
+    projections = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    ref = _decode_masked(model, thresholds)
+    with sparsify_for_decode(model, thresholds, break_even=1.0, kernel=kernel) as handle:
+        got = greedy_decode(model, PROMPT, STEPS)
+    _assert_same_decode(got, ref)
+    assert sorted(id(m.original[0]) for m in handle.modules) == sorted(map(id, projections))  # each once
+    assert handle.paths() == {"prefill": len(handle.modules), "sparse": len(handle.modules) * (STEPS - 1)}
+    assert handle.active_fraction() == pytest.approx(0.5, abs=0.2)
+    assert dict(model.named_parameters()).keys() == dict(_model(family).named_parameters()).keys()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma"])
+def test_chess_plus_sparsifies_q_and_o_inputs_and_keeps_k_v_dense(family):
+    model = _model(family)
+    thresholds = cats(family, 0.5) | percentiles(family, ("attn_in", "o_in"), 0.5)
+    ref = _decode_masked(model, thresholds, kv_dense=True)
+    with sparsify_for_decode(model, thresholds, break_even=1.0, kv_dense=True) as handle:
+        got = greedy_decode(model, PROMPT, STEPS)
+        replaced = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m in handle.modules})
+    _assert_same_decode(got, ref)
+    assert replaced == ["mlp", "o_proj", "q_proj"]
+    assert sparse_vs_masked(model, thresholds, PROMPT, STEPS, kv_dense=True) < 1e-4
+    with sparsify_for_decode(model, thresholds, break_even=1.0):  # k and v sparse too: another model
+        all_sparse = greedy_decode(model, PROMPT, STEPS)
+    assert (all_sparse.logits - ref.logits).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="share"):
+        sparsify_for_decode(_model("phi3"), percentiles("phi3", ("attn_in",), 0.5), kv_dense=True)
 
 
 @pytest.mark.parametrize("family", GATED)
@@ -212,6 +261,24 @@ def test_select_keeps_what_the_mask_keeps(build, per_channel):
     assert 0 < keep.sum() < 50 and keep[7] and keep[11] and not keep[3]
 
 
+@pytest.mark.parametrize("build, hidden", KERNEL_CASES)
+def test_step_is_select_then_ffn_and_stops_above_max_active(build, hidden):
+    """``step`` (one C call in the native kernel) against the numpy FFN over the channels the
+    mask keeps; one more active channel than ``max_active`` gives no output, but the count."""
+    rng = np.random.default_rng(hidden + 1)
+    channels = 40
+    w, weights = _random_ffn(rng, channels, hidden)
+    x, a = rng.standard_normal(hidden).astype(np.float32), rng.standard_normal(channels).astype(np.float32)
+    t = np.float32(0.6)
+    keep = np.flatnonzero(np.abs(a) >= t)
+    kernel, as32 = build(weights), lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    for _ in range(2):  # the native kernel's scratch is reused
+        y, k = kernel.step(as32(x), as32(a), as32(t), max_active=len(keep))
+        assert k == len(keep)
+        np.testing.assert_allclose(y.numpy(), _numpy_ffn(w, x, a[keep], keep), rtol=1e-4, atol=1e-4)
+    assert kernel.step(as32(x), as32(a), as32(t), max_active=len(keep) - 1) == (None, len(keep))
+
+
 def test_native_kernel_rejects_input_it_would_misread():
     _, weights = _random_ffn(np.random.default_rng(3), 8, 16)
     kernel = NativeKernel(weights)
@@ -219,6 +286,8 @@ def test_native_kernel_rejects_input_it_would_misread():
         kernel(torch.ones(16), torch.ones(2), torch.tensor([1, 2], dtype=torch.int32))
     with pytest.raises(TypeError, match="threshold torch.float32 \\[3\\]"):
         kernel.select(torch.ones(8), torch.ones(3))
+    with pytest.raises(TypeError, match="float32 x, activations and threshold"):
+        kernel.step(torch.ones(16), torch.ones(8), torch.ones(1, dtype=torch.float64), 8)
 
 
 def test_torch_kernel_bfloat16():
@@ -267,7 +336,9 @@ def test_decode_speed_reports_both_sides_and_restores_model():
     "family, thresholds, message",
     [
         ("opt", {(0, "act"): 0.1}, "no gated FFN"),
-        ("llama", {(0, "h"): 0.1}, "'act' only"),
+        ("llama", {(0, "up"): 0.1}, "got \\['up'\\]"),
+        ("llama", {(0, "act"): 0.1, (0, "h"): 0.1}, "one or the other"),
+        ("llama", {(0, "o_in"): torch.ones(7)}, "vector of 64"),
         ("llama", {(3, "act"): 0.1}, "out of range"),
         ("llama", {(0, "act"): torch.ones(7)}, "vector of 128"),
         ("llama", {(0, "act"): -1.0}, ">= 0"),
@@ -277,7 +348,7 @@ def test_bad_input_fails_early_and_names_it(family, thresholds, message):
     model = _model(family)
     with pytest.raises(ValueError, match=message):
         sparsify_for_decode(model, thresholds)
-    assert all(type(layer).__name__ != "SparseGatedMLP" for layer in model.modules())
+    assert not any(isinstance(m, (SparseGatedMLP, SparseInputLinear)) for m in model.modules())
 
 
 @pytest.mark.parametrize("options, message", [({"break_even": 1.5}, "break_even"), ({"kernel": "fast"}, "'fast'")])
@@ -285,7 +356,7 @@ def test_bad_options_fail_and_leave_the_model_dense(options, message):
     model = _model("llama")
     with pytest.raises(ValueError, match=message):
         sparsify_for_decode(model, cats("llama", 0.5), **options)
-    assert all(type(layer).__name__ != "SparseGatedMLP" for layer in model.modules())
+    assert not any(isinstance(m, (SparseGatedMLP, SparseInputLinear)) for m in model.modules())
 
 
 def test_sparse_vs_masked_is_small_and_refuses_other_tokens(monkeypatch):
