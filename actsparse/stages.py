@@ -11,16 +11,20 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from actsparse import (
-    collect, columns, corpora, hooks, kernels, methods, models, perplexity, sparsifier, summaries, tables, tasks,
-)
+from actsparse import columns, corpora, hooks, kernels, methods, perplexity, sparsifier
 from actsparse.anatomy import anatomy_of
 from actsparse.provenance import write_json
+
+# The modules that load transformers, pandas, matplotlib or datasets are imported by the stages
+# that use them: every workflow job is a fresh process, and importing all of them cost each of
+# the default run's ~100 jobs seconds that most of them never use.
+if TYPE_CHECKING:
+    import pandas as pd
 
 # evaluation tokens a sparsifier acts on: all of them, or TEAL's last half of each input
 TOKEN_SELECTIONS = {"all": None, "last_half": hooks.last_fraction(0.5)}
@@ -29,11 +33,15 @@ log = logging.getLogger(__name__)
 
 
 def import_model(source: dict, out_dir: Path) -> None:
+    from actsparse import models
+
     log.info("importing model from %s into %s", source, out_dir)
     models.import_model(source, Path(out_dir))
 
 
 def prepare_corpus(model_dir: Path, spec: dict, out_path: Path, provenance: dict) -> None:
+    from actsparse import models
+
     tokenizer = models.load_tokenizer(model_dir)
     text = corpora.load_text(spec)
     corpus = corpora.tokenize(text, tokenizer, spec.get("max_tokens"))
@@ -56,6 +64,8 @@ def collect_activations(
     device: str,
     provenance: dict,
 ) -> None:
+    from actsparse import collect, models
+
     model, _ = models.load_model(model_dir, device, dtype)
     components = [c for c in components if c in anatomy_of(model).components]  # non-gated: no `up`
     tokens = corpora.load_corpus(corpus_path)["input_ids"]
@@ -68,6 +78,8 @@ def collect_activations(
 
 
 def weights_table(model_dir: Path, out_csv: Path) -> None:
+    from actsparse import models, summaries
+
     model, _ = models.load_model(model_dir)
     histogram = summaries.weight_histogram(model, Path(model_dir).name)
     _write_csv(histogram, out_csv)
@@ -76,6 +88,9 @@ def weights_table(model_dir: Path, out_csv: Path) -> None:
 def stats_tables(weight_csvs: list[Path], stats_paths: list[Path], model_names: list[str], outputs) -> None:
     """The seed paper's Figs 2-7 for every model: weight magnitudes, natural sparsity and |x| CDFs
     (from the statistics gathered while collecting, merged over each model's shards)."""
+    import pandas as pd
+    from actsparse import summaries
+
     weights = pd.concat([pd.read_csv(p) for p in weight_csvs], ignore_index=True)
     sparsity, cdf = [], []
     for name in model_names:
@@ -98,6 +113,8 @@ def fit_thresholds(
     """Thresholds of every representable sparsity (0.00 to 0.99) from the same passes over the
     stores. The grid does not depend on the configured levels, so adding a level never reruns
     this fit or anything downstream of the other levels."""
+    from actsparse import models
+
     gated = models.load_anatomy(model_dir).gated
     fitted = methods.fit(method, store_paths, methods.GRID, params, gated=gated)
     metadata = methods.fit_metadata(method, 0.0, store_paths, params, provenance)
@@ -124,6 +141,8 @@ def eval_perplexity(
     device: str,
     provenance: dict,
 ) -> dict:
+    from actsparse import models
+
     model, tokenizer = models.load_model(model_dir, device, dtype)
     corpus = corpora.load_corpus(corpus_path)
     window = min(window, model.config.max_position_embeddings)
@@ -164,6 +183,8 @@ def eval_task(
     device: str,
     provenance: dict,
 ) -> dict:
+    from actsparse import models, tasks
+
     model, tokenizer = models.load_model(model_dir, device, dtype)
     docs = tasks.load_task(task, source, limit=limit)
     with sparsified(model, thresholds, sparsify_tokens) as measured:
@@ -206,6 +227,8 @@ def decode_speed(
     """Dense vs sparse decoding tokens/s of one grid point on the CPU (the only device with
     sparse kernels so far), after checking that sparse decoding chooses the masked dense model's
     tokens. The prompt is ``[BOS]`` + the first evaluation tokens."""
+    from actsparse import models
+
     model, tokenizer = models.load_model(model_dir, "cpu", dtype)
     text = corpora.load_corpus(corpus_path)["input_ids"][: prompt_tokens - 1]
     prompt = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])
@@ -261,6 +284,8 @@ def _write_csv(frame: pd.DataFrame, out_csv: Path) -> None:
 
 
 def perplexity_table(result_paths: list[Path], out_csv: Path, out_png: Path) -> pd.DataFrame:
+    from actsparse import tables
+
     frame = tables.collect_results(result_paths, columns.PERPLEXITY)
     _write_csv(frame, out_csv)
     tables.plot_perplexity(frame, out_png)
@@ -268,12 +293,16 @@ def perplexity_table(result_paths: list[Path], out_csv: Path, out_png: Path) -> 
 
 
 def speed_table(result_paths: list[Path], out_csv: Path) -> pd.DataFrame:
+    from actsparse import tables
+
     frame = tables.collect_results(result_paths, columns.SPEED)
     _write_csv(frame, out_csv)
     return frame
 
 
 def downstream_table(result_paths: list[Path], out_csv: Path) -> pd.DataFrame:
+    from actsparse import tables
+
     frame = tables.downstream(result_paths)
     _write_csv(frame, out_csv)
     return frame
