@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import zarr
 from torch import nn
 from tqdm import tqdm
 
@@ -91,6 +92,15 @@ def _batches(sequences: torch.Tensor, bos_id: int, batch_size: int, device: torc
         yield torch.cat([bos, batch], dim=1)
 
 
+def _one_zarr_worker_beside(device: torch.device) -> None:
+    """Beside a forward pass on the CPU, zarr's chunk-encoding pool (sized for the whole machine)
+    takes cores from it: at one torch thread on 2 cores, collection took 1.28-1.37x of a plain
+    forward with the default pool and 1.04-1.10x with one worker (bench/bench_collect.py). zarr
+    sizes its pool once per process, on first use, so this holds for the rest of the process."""
+    if device.type == "cpu":
+        zarr.config.set({"threading.max_workers": 1})
+
+
 def collect_shard(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -121,7 +131,9 @@ def collect_shard(
     sequences = _sequences(tokens, corpus_slice, seq_len)
     components = tuple(components)
     stored_dtype = _stored_dtype(dtype)
-    batches = _batches(sequences, _bos_id(model, bos_id), batch_size, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    batches = _batches(sequences, _bos_id(model, bos_id), batch_size, device)
+    _one_zarr_worker_beside(device)
 
     def store(layer: int, component: str, value: torch.Tensor) -> None:
         writer.append(layer, component, value[:, 1:])  # drop the BOS position
