@@ -96,18 +96,10 @@ class Kernel(Protocol):
     break_even: float  # active fraction above which the dense computation is faster
     extra_bytes: int  # memory of the layouts it keeps beyond the model's weights
 
-    def select(self, a: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """a [channels] -> (active [k], index [k]): the values of ``a`` that are nonzero after
-        masking ``|a| < threshold`` exactly as ``hooks.apply_thresholds`` does, and their channels."""
-        ...
-
-    def __call__(self, x: torch.Tensor, active: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x [hidden] -> ``down(a * up(x))`` [hidden], from what ``select`` returned."""
-        ...
-
     def step(self, x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
-        """``select`` then the call, as one decoding step uses them: (the FFN output, or None when
-        more than ``max_active`` channels are active, and the active count)."""
+        """x [hidden], a = act(gate(x)) [channels] -> (``down(masked(a) * up(x))`` [hidden], or
+        None when more than ``max_active`` channels stay nonzero after masking ``|a| < threshold``
+        exactly as ``hooks.apply_thresholds`` does; and that count)."""
         ...
 
 
@@ -279,14 +271,9 @@ def native_library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.gather_dot.argtypes = [pointer, pointer, pointer, size, pointer, size, pointer, pointer]
-    lib.gather_axpy.argtypes = [pointer, pointer, pointer, size, pointer, size, pointer]
-    lib.gather_dot.restype = lib.gather_axpy.restype = None
-    lib.select_active.argtypes = [pointer, pointer, size, size, pointer, pointer]
-    lib.select_active.restype = lib.sparse_ffn.restype = size
     lib.sparse_ffn.argtypes = [pointer, pointer, size, size, size, *[pointer] * 5, size, *[pointer] * 4]
     lib.sparse_linear.argtypes = [pointer, pointer, size, size, size, pointer, pointer, size, *[pointer] * 3]
-    lib.sparse_linear.restype = size
+    lib.sparse_ffn.restype = lib.sparse_linear.restype = size
     return lib
 
 
@@ -314,44 +301,14 @@ class NativeKernel:
         channels = up.shape[0]  # step's scratch, reused: the active channels, values, and up outputs
         self._index, self._active, self._h = torch.empty(channels, dtype=torch.int64), torch.empty(channels), torch.empty(channels)
 
-    def select(self, a: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One C pass instead of five PyTorch ops (abs, compare, fill, nonzero, gather), whose
-        dispatch cost ~10% of a SmolLM2 FFN's time."""
-        n = a.numel()
-        if a.dtype != torch.float32 or threshold.dtype != torch.float32 or threshold.numel() not in (1, n):
-            got = f"{a.dtype} [{n}], threshold {threshold.dtype} [{threshold.numel()}]"
-            raise TypeError(f"the native kernel selects float32 activations (scalar or per-channel bound), got {got}")
-        a, threshold = a.contiguous(), threshold.contiguous()
-        index, active = torch.empty(n, dtype=torch.int64), torch.empty(n)
-        step = 0 if threshold.numel() == 1 else 1
-        k = self.lib.select_active(a.data_ptr(), threshold.data_ptr(), step, n, index.data_ptr(), active.data_ptr())
-        return active[:k], index[:k]
-
-    def __call__(self, x: torch.Tensor, active: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The C code trusts ``index`` to hold valid channels (as ``select`` gives them): it reads
-        the rows it names without bounds checks."""
-        if index.dtype != torch.int64 or x.dtype != torch.float32 or active.dtype != torch.float32:
-            got = f"{x.dtype}, {active.dtype}, {index.dtype}"
-            raise TypeError(f"the native kernel takes float32 x and activations and an int64 index, got {got}")
-        k, hidden = index.numel(), self.up.shape[1]
-        x, active, index = x.contiguous(), active.contiguous(), index.contiguous()
-        rows = index.data_ptr()
-        h = torch.empty(k)
-        self.lib.gather_dot(
-            self.up.data_ptr(), _pointer(self.up_bias), rows, k, x.data_ptr(), hidden, active.data_ptr(), h.data_ptr()
-        )
-        y = torch.empty(hidden)
-        down = self.down_rows.data_ptr()
-        self.lib.gather_axpy(down, _pointer(self.down_bias), rows, k, h.data_ptr(), hidden, y.data_ptr())
-        return y
-
-
     def step(self, x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
-        """One C call instead of two plus ``select``'s, on reused scratch: the Python and allocation
-        cost between them was ~5% of a SmolLM2 decoding step."""
+        """One C call (select, up rows, down columns) on reused scratch: as separate calls with
+        their PyTorch glue they cost ~5% more of a SmolLM2 decoding step. The C code reads the
+        rows of the channels it selected itself, so no index from outside reaches it."""
         n, hidden = a.numel(), self.up.shape[1]
         if a.dtype != torch.float32 or x.dtype != torch.float32 or threshold.dtype != torch.float32 or threshold.numel() not in (1, n):
-            raise TypeError(f"the native kernel takes float32 x, activations and threshold, got {x.dtype}, {a.dtype}, {threshold.dtype}")
+            got = f"{x.dtype}, {a.dtype} [{n}], threshold {threshold.dtype} [{threshold.numel()}]"
+            raise TypeError(f"the native kernel takes float32 x, activations and threshold (scalar or per channel), got {got}")
         a, x, threshold = a.contiguous(), x.contiguous(), threshold.contiguous()
         y = torch.empty(hidden)
         k = self.lib.sparse_ffn(
@@ -399,7 +356,8 @@ class NativeLinearKernel:
     def step(self, x: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
         n, out = x.numel(), self.rows.shape[1]
         if x.dtype != torch.float32 or threshold.dtype != torch.float32 or threshold.numel() not in (1, n):
-            raise TypeError(f"the native kernel takes float32 input and threshold, got {x.dtype}, {threshold.dtype}")
+            got = f"{x.dtype} [{n}], threshold {threshold.dtype} [{threshold.numel()}]"
+            raise TypeError(f"the native kernel takes float32 input and threshold (scalar or per input), got {got}")
         x, threshold = x.contiguous(), threshold.contiguous()
         y = torch.empty(out)
         k = self.lib.sparse_linear(

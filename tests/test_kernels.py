@@ -229,36 +229,27 @@ KERNEL_CASES = [  # (kernel, hidden): the C loops step 8 floats; 13 and 21 leave
 ]
 
 
-@pytest.mark.parametrize("build, hidden", KERNEL_CASES)
-def test_kernels_equal_numpy_reference(build, hidden):
-    """Biases; gather blocks of 1, 7 or all rows (PyTorch); 17 rows = two blocks of 8 and a tail
-    row, and tails of the hidden dim (native)."""
-    rng = np.random.default_rng(hidden)
-    channels, k = 40, 17
-    w, weights = _random_ffn(rng, channels, hidden)
-    x, a = rng.standard_normal(hidden), rng.standard_normal(k)
-    index = np.sort(rng.choice(channels, k, replace=False))
-    as32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
-    got = build(weights)(as32(x), as32(a), torch.tensor(index))
-    np.testing.assert_allclose(got.numpy(), _numpy_ffn(w, x, a, index), rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("build", [TorchKernel, NativeKernel])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_select_keeps_what_the_mask_keeps(build, per_channel):
-    """Zeros go (they add nothing), NaN stays (``|NaN| < t`` is false), ``|a| == t`` stays."""
+def test_step_keeps_what_the_mask_keeps(build, per_channel):
+    """Zeros go (they add nothing), ``|a| == t`` stays, and NaN stays (``|NaN| < t`` is false):
+    the active count and the output (numpy over the kept channels) say which were kept."""
     rng = np.random.default_rng(4)
     a = rng.standard_normal(50).astype(np.float32)
-    a[[3, 7, 11]] = [0.0, np.nan, -0.5]
+    a[[3, 11]] = [0.0, -0.5]
     t = rng.uniform(0, 1.5, 50).astype(np.float32) if per_channel else np.float32(0.5)
     if per_channel:
         t[11] = 0.5
-    keep = ~(np.abs(a) < t) & (a != 0)
-    _, weights = _random_ffn(rng, 50, 8)
-    active, index = build(weights).select(torch.tensor(a), torch.tensor(t))
-    np.testing.assert_array_equal(index.numpy(), np.flatnonzero(keep))
-    np.testing.assert_array_equal(active.numpy(), a[keep])
-    assert 0 < keep.sum() < 50 and keep[7] and keep[11] and not keep[3]
+    keep = np.flatnonzero(~(np.abs(a) < t) & (a != 0))
+    assert 0 < len(keep) < 50 and 11 in keep and 3 not in keep
+    w, weights = _random_ffn(rng, 50, 8)
+    x = rng.standard_normal(8).astype(np.float32)
+    kernel = build(weights)
+    y, k = kernel.step(torch.tensor(x), torch.tensor(a), torch.tensor(t), max_active=50)
+    assert k == len(keep)
+    np.testing.assert_allclose(y.numpy(), _numpy_ffn(w, x, a[keep], keep), rtol=1e-4, atol=1e-4)
+    a[7] = np.nan
+    assert kernel.step(torch.tensor(x), torch.tensor(a), torch.tensor(t), max_active=50)[1] == len(keep) + (7 not in keep)
 
 
 @pytest.mark.parametrize("build, hidden", KERNEL_CASES)
@@ -282,12 +273,10 @@ def test_step_is_select_then_ffn_and_stops_above_max_active(build, hidden):
 def test_native_kernel_rejects_input_it_would_misread():
     _, weights = _random_ffn(np.random.default_rng(3), 8, 16)
     kernel = NativeKernel(weights)
-    with pytest.raises(TypeError, match="int64 index"):
-        kernel(torch.ones(16), torch.ones(2), torch.tensor([1, 2], dtype=torch.int32))
-    with pytest.raises(TypeError, match="threshold torch.float32 \\[3\\]"):
-        kernel.select(torch.ones(8), torch.ones(3))
     with pytest.raises(TypeError, match="float32 x, activations and threshold"):
         kernel.step(torch.ones(16), torch.ones(8), torch.ones(1, dtype=torch.float64), 8)
+    with pytest.raises(TypeError, match="threshold torch.float32 \\[3\\]"):
+        kernel.step(torch.ones(16), torch.ones(8), torch.ones(3), 8)  # neither scalar nor per channel
 
 
 def test_torch_kernel_bfloat16():
