@@ -10,3 +10,30 @@ PERPLEXITY_WIDE_KEYS = ("model", "method")  # then one ppl column per target spa
 DOWNSTREAM_WIDE_KEYS = ("model", "method", "target_sparsity")  # then acc per task and the average
 ACTIVATED_FFN_PARAMS = "activated_ffn_params"  # 1 - skipped_ffn_params: the FFN weight work still done
 PROVENANCE = ("file", "config_hash", "code_version", "device", "seed", "python", "packages")
+# row identities of the pattern tables (also their row order); similarity sorts high to low, as in the paper
+MATCH_KEYS = ("model", "strategy", "sample", "similarity", "layer", "metric")
+PREDICTOR_KEYS = ("model", "features", "target_layer")
+PREFETCH_KEYS = ("model", "features", "layer", "budget_fraction")
+TABLE_II_KEYS = ("model", "strategy", "metric", "layer", "sample")
+
+# What identifies a row of each table of results/tables/ (`actsparse compare` pairs the rows of two
+# runs on them); every other column is a measurement. Sparsity levels are keys, not measurements.
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "models": MODELS[:1],
+    "perplexity": PERPLEXITY[:3],
+    "perplexity_wide": PERPLEXITY_WIDE_KEYS,
+    "downstream": DOWNSTREAM[:4],
+    "downstream_wide": DOWNSTREAM_WIDE_KEYS,
+    "weights": ("model", "matrix", "bin_low", "bin_high"),
+    "weight_zeros": ("model", "matrix"),
+    "natural_sparsity": ("model", "layer", "component"),
+    "activation_cdf": ("model", "layer", "component", "abs_value"),
+    "pattern_match": MATCH_KEYS,
+    "pattern_match_table_ii": TABLE_II_KEYS,
+    "predictor": PREDICTOR_KEYS,
+    "prefetch": PREFETCH_KEYS,
+    "speed": SPEED[:4],
+    "provenance": PROVENANCE[:1],
+}
+# key columns holding a sparsity level: compared as its two-decimal label (`0.50`, as in paths)
+SPARSITY_LEVELS = ("target_sparsity", "sparsity")

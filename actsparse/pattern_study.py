@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from actsparse import corpora, hooks, methods, models, patterns, sparsifier, stages, tables
 from actsparse.anatomy import anatomy_of, decoder_layers
+from actsparse.columns import MATCH_KEYS, PREDICTOR_KEYS, PREFETCH_KEYS, TABLE_II_KEYS
 from actsparse.provenance import write_json
 
 MATCH = ("model", "strategy", "sample", "similarity", "measured_similarity", "layer", "metric", "match_rate")
@@ -37,11 +38,6 @@ PREDICTOR = ("model", "features", "source_layer", "target_layer", "precision", "
              "train_tokens", "eval_tokens")
 PREFETCH = ("model", "features", "source_layer", "layer", "budget_fraction", "recall", "precision", "bytes_fetched",
             "dense_bytes", "late_bytes")
-# row orders (keys) of the tables; similarity sorts high to low, as in the paper
-MATCH_KEYS = ("model", "strategy", "sample", "similarity", "layer", "metric")
-PREDICTOR_KEYS = ("model", "features", "target_layer")
-PREFETCH_KEYS = ("model", "features", "layer", "budget_fraction")
-TABLE_II_KEYS = ("model", "strategy", "metric", "layer", "sample")
 RANKING_METRIC = "paper_match_rate"  # best / worst sample for the heatmaps, as the paper ranks its samples
 TILE = (64, 64)  # tokens x neurons: paper_match_rate's window, and the heatmaps show exactly that tile
 
