@@ -201,7 +201,8 @@ def compare_runs(results_a: Path, results_b: Path, names: Sequence[str] | None, 
     everywhere = present["a"] | present["b"]
     for name in names or ():
         if name not in everywhere:
-            raise InputError(f"no table {name} in {results_a} or {results_b}; available: {', '.join(sorted(everywhere))}")
+            available = ", ".join(sorted(everywhere))
+            raise InputError(f"no table {name} in {results_a} or {results_b}; available: {available}")
     diffs = []
     for name in names or sorted(everywhere - set(UNCOMPARED)):
         missing = [side for side in "ab" if name not in present[side]]
@@ -240,7 +241,9 @@ def print_comparison(diffs: Sequence[TableDiff], results_a: Path, results_b: Pat
         report = {
             "verdict": summary, "identical": not differing, "differences": sum(d.count for d in differing),
             "a": str(results_a), "b": str(results_b), "rtol": rtol,
-            "tables": [{"table": d.name, "keys": d.keys, "notes": d.notes, "rows": _json_records(d.rows)} for d in differing],
+            "tables": [
+                {"table": d.name, "keys": d.keys, "notes": d.notes, "rows": _json_records(d.rows)} for d in differing
+            ],
         }
         print(json.dumps(report, indent=2, default=lambda value: value.item()))
         return
@@ -265,7 +268,9 @@ def print_comparison(diffs: Sequence[TableDiff], results_a: Path, results_b: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="actsparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="actsparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("list", help="the jobs a config would run now (a Snakemake dry run)")
     plan.add_argument("--configfile")
@@ -278,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Prints a verdict line, then the rows that differ. Exit status 0: identical; 1: different; "
         "2: usage error or missing results.",
     )
-    compare.add_argument("results_a", type=Path)
-    compare.add_argument("results_b", type=Path)
+    compare.add_argument("results_a", type=Path, help="a results directory (holding tables/*.csv): the a side")
+    compare.add_argument("results_b", type=Path, help="another results directory: the b side")
     compare.add_argument("--table", action="append", help="a table to compare (repeatable; default: every table "
                          f"of either run but {', '.join(UNCOMPARED)})")
     compare.add_argument("--rtol", type=float, default=0.0, help="numbers within this fraction of the larger "
@@ -292,15 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command == "show":
-            return _show(args)
-        if args.rtol < 0:
-            raise InputError(f"--rtol must be >= 0, not {args.rtol:g}")
-        diffs = compare_runs(args.results_a, args.results_b, args.table, args.rtol)
+        return _show(args) if args.command == "show" else _compare(args)
     except InputError as error:
-        (show if args.command == "show" else compare).error(str(error))
-    print_comparison(diffs, args.results_a, args.results_b, args.rtol, args.format)
-    return 1 if any(d.count for d in diffs) else 0
+        (show if args.command == "show" else compare).error(str(error))  # exits with status 2
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -310,6 +309,14 @@ def _show(args: argparse.Namespace) -> int:
     else:
         print(SHOW_FORMATS[args.format](frame), end="")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    if args.rtol < 0:
+        raise InputError(f"--rtol must be >= 0, not {args.rtol:g}")
+    diffs = compare_runs(args.results_a, args.results_b, args.table, args.rtol)
+    print_comparison(diffs, args.results_a, args.results_b, args.rtol, args.format)
+    return 1 if any(d.count for d in diffs) else 0
 
 
 if __name__ == "__main__":
