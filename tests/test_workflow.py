@@ -15,6 +15,7 @@ import yaml
 
 from actsparse import columns, publish
 from actsparse.anatomy import model_summary
+from actsparse.cli import main
 from actsparse.models import load_model
 from conftest import REPO
 from test_report import assert_booktabs
@@ -230,3 +231,11 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, overrides, mes
     assert run.returncode != 0
     assert message in run.stdout + run.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_every_table_compared_with_itself_is_identical(finished_run, capsys):
+    """Each table's key columns (columns.TABLE_KEYS) identify its rows in real tables."""
+    results = str(finished_run / "results")
+    names = [["--table", p.stem] for p in (finished_run / "results" / "tables").glob("*.csv")]
+    assert main(["compare", results, results, *sum(names, [])]) == 0
+    assert capsys.readouterr().out.startswith(f"identical ({len(names)} tables)")
