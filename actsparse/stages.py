@@ -66,14 +66,14 @@ def collect_activations(
 ) -> None:
     from actsparse import collect, models
 
-    model, _ = models.load_model(model_dir, device, dtype)
+    model, tokenizer = models.load_model(model_dir, device, dtype)
     components = [c for c in components if c in anatomy_of(model).components]  # non-gated: no `up`
     tokens = corpora.load_corpus(corpus_path)["input_ids"]
     shard_slice = collect.shard_slices(len(tokens), shards, seq_len)[shard]
     log.info("collecting %s over tokens %d..%d", components, shard_slice.token_start, shard_slice.token_stop)
     collect.collect_shard(
         model, tokens, shard_slice, out_path, components, seq_len, batch_size, store_dtype, provenance,
-        Path(model_dir).name, progress=True, compression=compression,
+        Path(model_dir).name, models.bos_id(tokenizer), progress=True, compression=compression,
     )
 
 
