@@ -19,6 +19,8 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 SCHEMA = Path(__file__).resolve().parent.parent / "config/schema/config.schema.yaml"
+# what a Hugging Face checkout's tokenizer is saved as: fast, sentencepiece, or byte-level BPE
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 MAX_ERRORS = 5  # a few lines; a config with more problems shows them after these are fixed
 
 
@@ -157,8 +159,14 @@ def _unreadable(path: Path) -> str | None:
 
 def _missing_model_files(source: dict) -> Iterator[tuple[list, str]]:
     """A local model directory, a GGUF file, or the package that ships one, that is not there."""
-    if "local" in source and not Path(source["local"]).is_dir():
-        yield ["local"], f"directory not found: {source['local']}"
+    if "local" in source:
+        folder = Path(source["local"])
+        if not folder.is_dir():
+            yield ["local"], f"directory not found: {folder}"
+        elif not (folder / "config.json").is_file():
+            yield ["local"], f"{folder} holds no config.json (a Hugging Face model checkout has one)"
+        elif not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            yield ["local"], f"{folder} holds no tokenizer (one of {', '.join(TOKENIZER_FILES)})"
     gguf = source.get("gguf", {})
     if "path" in gguf and not Path(gguf["path"]).is_file():
         yield ["gguf", "path"], f"file not found: {gguf['path']}"

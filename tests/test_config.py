@@ -17,7 +17,7 @@ BAD_CONFIGS = sorted((REPO / "tests/data/bad_configs").glob("*.yaml"))
 # a spread of kinds checked by a real dry run on every test run; the rest with the slow tests
 FAST_DRY_RUNS = {
     "unknown_top_level_key", "model_without_source", "misspelt_method", "perplexity_stride_over_window",
-    "corpus_gz_corrupt", "gguf_package_not_installed", "sparsity_three_decimals", "tiny_family_unknown",
+    "corpus_gz_corrupt", "gguf_package_not_installed", "local_model_without_tokenizer", "sparsity_three_decimals", "tiny_family_unknown",
 }
 MAX_LINES = 15
 
