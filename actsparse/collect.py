@@ -63,14 +63,6 @@ def _stored_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def _bos_id(model: nn.Module, bos_id: int | None) -> int:
-    """The caller's BOS, else the config's, else its EOS (the perplexity stage's fallback)."""
-    for candidate in (bos_id, model.config.bos_token_id, model.config.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    raise ValueError("the model config names neither a BOS nor an EOS token; pass bos_id")
-
-
 def _sequences(tokens: torch.Tensor, corpus_slice: CorpusSlice, seq_len: int) -> torch.Tensor:
     """The shard's text tokens as ``[sequences, seq_len]``, after checking they fit."""
     if tokens.ndim != 1:
@@ -112,15 +104,16 @@ def collect_shard(
     dtype: torch.dtype | str,
     provenance: Mapping[str, Any],
     model_name: str,
+    bos_id: int,
     progress: bool = False,
-    bos_id: int | None = None,
     compression: str = "fast",
 ) -> None:
     """Write every layer's ``components`` over the shard's tokens into the store ``out_path``.
 
     ``tokens`` is the whole corpus (1-D token ids); ``corpus_slice`` picks the shard. ``dtype``
-    is the stored dtype (float16 or bfloat16, also by name). ``bos_id`` defaults to the model
-    config's. The path's suffix picks the backend (``.zarr`` or ``.h5``); ``compression`` its
+    is the stored dtype (float16 or bfloat16, also by name). ``bos_id`` starts every sequence
+    (``models.bos_id``, the one place that decides it). The path's suffix picks the backend
+    (``.zarr`` or ``.h5``); ``compression`` its
     codec (``store.COMPRESSIONS``).
     """
     if batch_size < 1:
@@ -132,7 +125,7 @@ def collect_shard(
     components = tuple(components)
     stored_dtype = _stored_dtype(dtype)
     device = next(model.parameters()).device
-    batches = _batches(sequences, _bos_id(model, bos_id), batch_size, device)
+    batches = _batches(sequences, bos_id, batch_size, device)
     _one_zarr_worker_beside(device)
 
     def store(layer: int, component: str, value: torch.Tensor) -> None:

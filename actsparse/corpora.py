@@ -36,7 +36,10 @@ def load_text(spec: dict, root: Path = Path(".")) -> str:
         path = Path(root) / spec["path"]
         if not path.is_file():
             raise CorpusError(f"corpus file not found: {path}")
-        rows = datasets.load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)
+        try:
+            rows = datasets.load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)
+        except datasets.exceptions.DatasetGenerationError as error:
+            raise CorpusError(f"corpus file {path} cannot be read ({error.__cause__}); replace it") from error
     elif "hub" in spec:
         rows = datasets.load_dataset(spec["hub"], spec.get("name"), split=spec.get("split", "test"))
     else:

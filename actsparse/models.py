@@ -184,7 +184,10 @@ def load_tokenizer(model_dir: Path):
 
 
 def bos_id(tokenizer) -> int:
-    """The token every model input starts with; tokenizers without a BOS use their EOS."""
+    """The token every model input starts with, for every stage (collection, perplexity, tasks,
+    patterns, speed), so calibration and evaluation see the same first token. The tokenizer's,
+    not the model config's: the tokenizer encoded the text (and the two disagree on some
+    checkpoints). Tokenizers without a BOS use their EOS."""
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 

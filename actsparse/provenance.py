@@ -5,6 +5,7 @@ timestamps, so an unchanged rerun writes identical bytes."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -86,9 +87,22 @@ def figure_metadata(path: str | os.PathLike) -> dict:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write atomically: a crash never leaves a half-written result that looks finished."""
+    """Write atomically: a crash never leaves a half-written result that looks finished. Every
+    writer of a result file ends here (write_text, write_json, write_safetensors, write_figure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_figure(figure, path: str | os.PathLike, **savefig_options) -> None:
+    """A matplotlib figure in the format its suffix names, atomically and without timestamps."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".").lower(), metadata=figure_metadata(path),
+                   **savefig_options)
+    write_bytes(Path(path), buffer.getvalue())

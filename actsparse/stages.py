@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from actsparse import columns, corpora, hooks, kernels, methods, perplexity, sparsifier
 from actsparse.anatomy import anatomy_of
-from actsparse.provenance import write_json
+from actsparse.provenance import write_json, write_safetensors, write_text
 
 # The modules that load transformers, pandas, matplotlib or datasets are imported by the stages
 # that use them: every workflow job is a fresh process, and importing all of them cost each of
@@ -66,14 +66,14 @@ def collect_activations(
 ) -> None:
     from actsparse import collect, models
 
-    model, _ = models.load_model(model_dir, device, dtype)
+    model, tokenizer = models.load_model(model_dir, device, dtype)
     components = [c for c in components if c in anatomy_of(model).components]  # non-gated: no `up`
     tokens = corpora.load_corpus(corpus_path)["input_ids"]
     shard_slice = collect.shard_slices(len(tokens), shards, seq_len)[shard]
     log.info("collecting %s over tokens %d..%d", components, shard_slice.token_start, shard_slice.token_stop)
     collect.collect_shard(
         model, tokens, shard_slice, out_path, components, seq_len, batch_size, store_dtype, provenance,
-        Path(model_dir).name, progress=True, compression=compression,
+        Path(model_dir).name, models.bos_id(tokenizer), progress=True, compression=compression,
     )
 
 
@@ -274,13 +274,11 @@ def _save_loglikelihoods(path: Path, docs: list, loglikelihoods) -> None:
     for row, values in enumerate(loglikelihoods):
         table[row, : len(values)] = torch.as_tensor(values, dtype=torch.float64)
     gold = torch.tensor([d.gold for d in docs], dtype=torch.int64)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"loglikelihoods": table, "gold": gold}, str(path))
+    write_safetensors(Path(path), save({"loglikelihoods": table, "gold": gold}))
 
 
 def _write_csv(frame: pd.DataFrame, out_csv: Path) -> None:
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out_csv, index=False)
+    write_text(Path(out_csv), frame.to_csv(index=False))
 
 
 def perplexity_table(result_paths: list[Path], out_csv: Path, out_png: Path) -> pd.DataFrame:

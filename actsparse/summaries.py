@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from actsparse.anatomy import COMPONENTS, Anatomy, anatomy_of, decoder_layers
-from actsparse.provenance import figure_metadata
+from actsparse.provenance import write_figure
 from actsparse.stats import EDGES, StoreStats, TensorStats
 
 WEIGHTS = ("model", "matrix", "bin_low", "bin_high", "count", "log10_count", "fraction")
@@ -167,8 +167,7 @@ def _save(figure: Figure, paths: Sequence[str | os.PathLike]) -> None:
     if not paths:
         raise ValueError("give at least one path to save the figure to")
     for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        figure.savefig(path, dpi=150, metadata=figure_metadata(path))
+        write_figure(figure, path, dpi=150)
 
 
 def _ordered_components(frame: pd.DataFrame) -> list[str]:

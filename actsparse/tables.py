@@ -18,7 +18,7 @@ from transformers import AutoConfig  # noqa: E402
 
 from actsparse import columns  # noqa: E402
 from actsparse.anatomy import activation_name, anatomy_for  # noqa: E402
-from actsparse.provenance import figure_metadata  # noqa: E402
+from actsparse.provenance import write_figure  # noqa: E402
 
 
 def collect_results(paths: Sequence[Path], table_columns: Sequence[str]) -> pd.DataFrame:
@@ -128,7 +128,6 @@ def plot_perplexity(frame: pd.DataFrame, png: Path) -> None:
 def save_figure(fig, png: Path) -> None:
     """PNG and PDF side by side, without timestamps so reruns write identical bytes."""
     png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
     for path in (png, png.with_suffix(".pdf")):
-        fig.savefig(path, dpi=150, metadata=figure_metadata(path))
+        write_figure(fig, path, dpi=150)
     plt.close(fig)

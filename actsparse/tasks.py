@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from transformers import Cache
 
+from actsparse import models
+
 VENDORED_DIR = Path(__file__).resolve().parents[1] / "resources" / "data" / "tasks"
 TARGET_DELIMITER = " "
 _DEFAULT_MAX_LENGTH = 2048  # the harness's fallback when the config names no context size
@@ -368,10 +370,11 @@ Tokens = tuple[int, ...]
 
 
 def bos_prefix(tokenizer) -> list[int]:
-    """``[bos]`` when the tokenizer adds BOS by default, else ``[]`` (see the module docstring)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
+    """``[bos]`` when the tokenizer adds BOS by default, else ``[]`` (see the module docstring);
+    the id is ``models.bos_id``'s, the one every stage uses."""
+    if tokenizer.bos_token_id is None:
         return []
+    bos = models.bos_id(tokenizer)
     with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     return [bos] if with_specials[:1] == [bos] and plain[:1] != [bos] else []

@@ -27,7 +27,7 @@ import torch
 from actsparse import corpora
 from actsparse.collect import collect_shard, shard_slices
 from actsparse.hooks import Hooks, Sink, capture
-from actsparse.models import load_model
+from actsparse.models import bos_id, load_model
 from actsparse.stats import StoreStats
 from actsparse.store import STORED_DTYPES, CorpusSlice, open_store
 
@@ -62,10 +62,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def model_batches(model: torch.nn.Module, tokens: torch.Tensor, part: CorpusSlice, seq_len: int,
+def model_batches(bos_id: int, tokens: torch.Tensor, part: CorpusSlice, seq_len: int,
                   batch_size: int) -> list[torch.Tensor]:
     """The ``[BOS] + sequence`` batches ``collect_shard`` runs, built here for the plain forwards."""
-    bos = torch.full((batch_size, 1), model.config.bos_token_id)
+    bos = torch.full((batch_size, 1), bos_id)
     sequences = tokens[part.token_start : part.token_stop].long().view(-1, seq_len)
     return [torch.cat([bos[: len(b)], b], dim=1) for b in sequences.split(batch_size)]
 
@@ -77,9 +77,10 @@ class Bench:
         self.args = args
         self.dtype = STORED_DTYPES[args.dtype]
         self.model, tokenizer = load_model(args.model_dir, "cpu", "float32")
+        self.bos_id = bos_id(tokenizer)
         self.tokens = corpora.tokenize(corpora.load_text(CORPUS), tokenizer, args.tokens)["input_ids"]
         self.part = shard_slices(len(self.tokens), 1, args.seq_len, corpus="wikitext-2 validation")[0]
-        self.batches = model_batches(self.model, self.tokens, self.part, args.seq_len, args.batch_size)
+        self.batches = model_batches(self.bos_id, self.tokens, self.part, args.seq_len, args.batch_size)
         self.stats = StoreStats()
         self.plain = (1.0, 1.0)
 
@@ -101,7 +102,7 @@ class Bench:
     def collect(self, path: Path) -> Callable[[], None]:
         a = self.args
         return lambda: collect_shard(self.model, self.tokens, self.part, path, a.components, a.seq_len,
-                                     a.batch_size, self.dtype, {}, a.model_dir.name)
+                                     a.batch_size, self.dtype, {}, a.model_dir.name, self.bos_id)
 
     def row(self, name: str, run: Callable[[], None] | tuple[float, float], disk: str = "") -> None:
         """Print ``run``'s times (measured here unless given) against the plain forward's."""

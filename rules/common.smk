@@ -2,10 +2,12 @@ import shutil
 
 from actsparse.methods import requirements
 
-from snakemake.utils import validate
+from actsparse.config import check_config
 
 
-validate(config, "../config/schema/config.schema.yaml", set_default=True)
+# defaults from the schema, then every check that needs no model; in the order the files merge
+check_config(config, [f for f in workflow.configfiles if f not in workflow.overwrite_configfiles]
+             + list(workflow.overwrite_configfiles))
 
 ENV = "../envs/actsparse.yaml"
 LOGS = "results/logs"
@@ -16,27 +18,6 @@ CORPORA = ("calibration", "evaluation")
 DENSE = "dense"  # the dense baseline: method "dense" at sparsity 0.00
 SHARDS = range(config["collection"]["shards"])
 STORE_SUFFIX = {"zarr": "zarr", "hdf5": "h5"}[config["collection"]["backend"]]
-
-
-def check_config():
-    """What the schema cannot say: sparsities must be path-exact with two decimals, and the
-    methods that tasks and patterns use must be configured methods."""
-    levels = (config["sparsities"] + config["tasks"]["sparsities"] + config["speed"]["sparsities"]
-              + [config["patterns"]["sparsity"]])
-    inexact = [s for s in levels if abs(round(s * 100) - s * 100) > 1e-9]
-    if inexact:
-        raise ValueError(f"config sparsities must have at most two decimals, got {inexact}")
-    unknown = [m for m in config["tasks"]["methods"] if m not in METHODS]
-    if unknown:
-        raise ValueError(f"config tasks.methods names {unknown}, which are not under methods: {METHODS}")
-    unknown = [m for m in config["speed"]["methods"] if m not in METHODS]
-    if unknown:
-        raise ValueError(f"config speed.methods names {unknown}, which are not under methods: {METHODS}")
-    if config["patterns"]["method"] not in METHODS:
-        raise ValueError(f"config patterns.method {config['patterns']['method']!r} is not under methods: {METHODS}")
-
-
-check_config()
 
 
 def alternatives(names):

@@ -22,7 +22,7 @@ from actsparse.store import CorpusSlice, StoreError, open_store, partial_path
 FAMILIES = ("llama", "mistral", "phi3", "phi", "opt", "gemma")
 SUFFIXES = (".zarr", ".h5")
 SEQ, BATCH, N_TOKENS = 12, 3, 200  # 16 sequences; 3 shards of 6, 5 and 5 sequences
-BOS = 256  # the tiny models' config bos_token_id
+BOS = 256  # the byte tokenizer's bos_token_id (models.bos_id)
 PROVENANCE = {"config_hash": "abc"}
 
 
@@ -100,7 +100,7 @@ def bits(x: torch.Tensor) -> np.ndarray:
 
 def collect(net: torch.nn.Module, path: Path, part: CorpusSlice, components=None, dtype="float16") -> None:
     components = components or anatomy_of(net).components
-    collect_shard(net, corpus(), part, path, components, SEQ, BATCH, dtype, PROVENANCE, "tiny")
+    collect_shard(net, corpus(), part, path, components, SEQ, BATCH, dtype, PROVENANCE, "tiny", BOS)
 
 
 def test_shard_slices_are_contiguous_whole_sequences_spread_evenly() -> None:
@@ -199,7 +199,7 @@ def kill(module, args, out):
 decoder_layers(net)[-1].register_forward_hook(kill)
 tokens = torch.randint(0, 256, ({n},))
 part = shard_slices({n}, 1, {seq})[0]
-collect_shard(net, tokens, part, sys.argv[1], ["act", "h"], {seq}, {batch}, "float16", {{}}, "tiny")
+collect_shard(net, tokens, part, sys.argv[1], ["act", "h"], {seq}, {batch}, "float16", {{}}, "tiny", 256)
 """
 
 
@@ -226,15 +226,15 @@ def test_bad_input_fails_early_with_the_reason(tmp_path) -> None:
     path = tmp_path / "shard.zarr"
     with pytest.raises(ValueError, match="not whole sequences of 12"):
         collect_shard(net, corpus(), CorpusSlice("c", 0, 1, 0, 100), path, ["act"], SEQ, BATCH,
-                      "float16", {}, "tiny")
+                      "float16", {}, "tiny", BOS)
     with pytest.raises(ValueError, match="the corpus has 200"):
         collect_shard(net, corpus(), CorpusSlice("c", 0, 1, 0, 240), path, ["act"], SEQ, BATCH,
-                      "float16", {}, "tiny")
+                      "float16", {}, "tiny", BOS)
     with pytest.raises(ValueError, match="stored dtype"):
         collect(net, path, shard_slices(N_TOKENS, 1, SEQ)[0], dtype="float32")
     with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
         collect_shard(net, corpus(1024), shard_slices(1024, 1, 512)[0], path, ["act"], 512, 1,
-                      "float16", {}, "tiny")
+                      "float16", {}, "tiny", BOS)
     with pytest.raises(ValueError, match="opt has no component"):
         collect(model("opt"), path, shard_slices(N_TOKENS, 1, SEQ)[0], components=("up",))
     assert not path.exists() and not partial_path(path).exists()

@@ -35,7 +35,8 @@ def test_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "spec, message",
-    [({"path": "missing.txt"}, "not found"), ({"name": "x"}, "needs 'path' or 'hub'"), ({"path": WIKI_TEST, "field": "body"}, "no column")],
+    [({"path": "missing.txt"}, "not found"), ({"name": "x"}, "needs 'path' or 'hub'"), ({"path": WIKI_TEST, "field": "body"}, "no column"),
+     ({"path": "tests/data/bad_configs/corrupt.txt.gz"}, r"corpus file .*corrupt\.txt\.gz cannot be read \(CRC check failed")],
 )
 def test_bad_corpus_specs_fail_clearly(spec, message):
     with pytest.raises(CorpusError, match=message):

@@ -55,7 +55,7 @@ def collected(family: str, root: Path) -> tuple[list[Path], dict[tuple[int, str]
     paths, values = [], {}
     for part in shard_slices(N_TOKENS, SHARDS, SEQ):
         path = root / f"{family}-{part.shard_index}.h5"  # the statistics do not depend on the backend
-        collect_shard(net, tokens, part, path, anatomy_of(net).components, SEQ, 2, "float16", {}, family)
+        collect_shard(net, tokens, part, path, anatomy_of(net).components, SEQ, 2, "float16", {}, family, 256)
         paths.append(path)
         with open_store(path) as store:
             for key in store.keys():

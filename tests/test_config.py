@@ -1,0 +1,94 @@
+"""Bad configs are rejected before any job, in a few lines naming the key or file and what is
+allowed (tests/data/bad_configs/*.yaml, each with the message it must give on its first line)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from actsparse.config import SCHEMA, ConfigError, check_config, load_yaml
+from conftest import REPO
+
+BAD_CONFIGS = sorted((REPO / "tests/data/bad_configs").glob("*.yaml"))
+# a spread of kinds checked by a real dry run on every test run; the rest with the slow tests
+FAST_DRY_RUNS = {
+    "unknown_top_level_key", "model_without_source", "misspelt_method", "perplexity_stride_over_window",
+    "corpus_gz_corrupt", "gguf_package_not_installed", "local_model_without_tokenizer", "sparsity_three_decimals", "tiny_family_unknown",
+}
+MAX_LINES = 15
+
+
+def expected_message(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path.name} must start with '# expect: <message>'"
+    return first.removeprefix("# expect: ")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory where the default corpus paths and the test data resolve, as in a checkout."""
+    for name in ("resources", "tests"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_there_are_at_least_25_bad_configs():
+    assert len(BAD_CONFIGS) >= 25
+
+
+@pytest.mark.parametrize("path", BAD_CONFIGS, ids=lambda p: p.stem)
+def test_bad_config_message_names_the_key_and_the_file(path, workdir):
+    with pytest.raises(ConfigError) as error:
+        check_config(load_yaml(path), [path])
+    message = str(error.value)
+    assert expected_message(path) in message
+    assert str(path) in message
+    assert len(message.splitlines()) <= 6
+
+
+def test_good_config_passes_and_gets_the_schema_defaults(workdir):
+    config = {"models": {"m": {"tiny": {"family": "llama"}}}}
+    check_config(config, [])
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert config["collection"]["shards"] == schema["properties"]["collection"]["properties"]["shards"]["default"]
+    assert config["methods"] == schema["properties"]["methods"]["default"]
+    assert config["corpora"]["evaluation"]["split"] == "test"  # a default inside a $ref'd definition
+
+
+def test_an_error_names_the_file_that_sets_the_key(workdir):
+    base, user = workdir / "base.yaml", workdir / "user.yaml"
+    base.write_text("models: {m: {tiny: {family: llama}}}\nthreads: 1\n")
+    user.write_text("device: tpu\n")
+    config = load_yaml(base) | load_yaml(user)
+    with pytest.raises(ConfigError, match=r"device: 'tpu' does not match .*\(in .*user\.yaml\)$"):
+        check_config(config, [base, user])
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("models:\n  m: {tiny: {family: llama}\nthreads: 1\n")
+    with pytest.raises(ConfigError, match=rf"{path}, line 3: not valid YAML"):
+        load_yaml(path)
+
+
+def dry_run_cases():
+    for path in BAD_CONFIGS:
+        marks = () if path.stem in FAST_DRY_RUNS else (pytest.mark.slow,)
+        yield pytest.param(path, marks=marks, id=path.stem)
+
+
+@pytest.mark.parametrize("path", dry_run_cases())
+def test_dry_run_with_a_bad_config_stops_before_any_job_in_a_few_lines(path, workdir):
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "1",
+           "--directory", str(workdir), "--configfile", str(path), "--dry-run"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert expected_message(path) in output
+    assert len(output.splitlines()) <= MAX_LINES, output
+    assert "Building DAG" not in output and not (workdir / "results").exists()
