@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from actsparse import corpora, hooks, methods, models, patterns, sparsifier, stages, tables
 from actsparse.anatomy import anatomy_of, decoder_layers
 from actsparse.columns import MATCH_KEYS, PREDICTOR_KEYS, PREFETCH_KEYS, TABLE_II_KEYS
-from actsparse.provenance import write_json
+from actsparse.provenance import write_json, write_text
 
 MATCH = ("model", "strategy", "sample", "similarity", "measured_similarity", "layer", "metric", "match_rate")
 PREDICTOR = ("model", "features", "source_layer", "target_layer", "precision", "recall", "f1", "active_fraction",
@@ -512,5 +512,4 @@ def _concat(paths: Sequence[Path]) -> pd.DataFrame:
 def _write_csv(frame: pd.DataFrame, keys: Sequence[str], path: Path) -> None:
     """Rows sorted by ``keys`` (similarity high to low, as in the paper): reruns write identical bytes."""
     frame = frame.sort_values(list(keys), ascending=[k != "similarity" for k in keys], kind="stable")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    write_text(Path(path), frame.to_csv(index=False))

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from actsparse.provenance import figure_metadata
+from actsparse.provenance import write_figure
 
 PAPER_SIMILARITIES = (0.95, 0.90, 0.85, 0.80, 0.75, 0.70)
 STRATEGIES = ("token", "word")
@@ -529,5 +529,5 @@ def plot_prefetch(table: pd.DataFrame, path: str | Path) -> Path:
     axes.set(xlabel="bytes fetched / dense bytes", ylabel="recall of active rows", xlim=(0, 1), ylim=(0, 1.02))
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     path = Path(path)
-    figure.savefig(path, dpi=120, bbox_inches="tight", metadata=figure_metadata(path))
+    write_figure(figure, path, dpi=120, bbox_inches="tight")
     return path
