@@ -22,9 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-FFN_COMPONENTS = ("ffn_in", "gate", "act", "up", "h", "down")
-ATTENTION_COMPONENTS = ("attn_in", "o_in")
-COMPONENTS = FFN_COMPONENTS + ATTENTION_COMPONENTS
+from actsparse.components import ATTENTION_COMPONENTS, COMPONENTS, FFN_COMPONENTS  # noqa: F401 (re-exported)
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -4,6 +4,9 @@ the schema cannot say (stride vs window, input files that exist and decompress, 
 tasks/speed/patterns) run next. Every error is a few lines naming the key, the bad value, what is
 allowed and the config file(s); Snakemake prints it as the reason the workflow did not start.
 
+Method entries are checked against the method registry (``actsparse.registry``), the one
+definition of the methods and their parameters, so the schema names no method.
+
 Imports only light packages (yaml, jsonschema): the workflow imports this at every parse."""
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
+
+from actsparse import registry
 
 SCHEMA = Path(__file__).resolve().parent.parent / "config/schema/config.schema.yaml"
 # what a Hugging Face checkout's tokenizer is saved as: fast, sentencepiece, or byte-level BPE
@@ -133,11 +138,44 @@ def located(path: Sequence, message: str, files: Sequence[Path]) -> str:
     return f"{message}  (in {', '.join(map(str, files_defining(path, files)))})"
 
 
+def _sorted_errors(validator, instance) -> list[ValidationError]:
+    return sorted(validator.iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+
+
 def schema_errors(config: dict, schema_path: Path = SCHEMA) -> list[tuple[list, str]]:
-    """Fill in the schema's defaults in place; (key path, message) for each violation."""
-    validator = DefaultingValidator(load_yaml(schema_path))
-    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
-    return [describe(error) for error in errors]
+    """Fill in the schema's defaults in place; (key path, message) for each violation, the method
+    entries checked against the registry once the schema holds."""
+    problems = [describe(error) for error in _sorted_errors(DefaultingValidator(load_yaml(schema_path)), config)]
+    return problems or list(method_errors(config["methods"]))
+
+
+def _another_methods_param(error: ValidationError) -> str:
+    """Which methods take the parameters an entry does not (a hint for a misplaced parameter)."""
+    if error.validator != "additionalProperties":
+        return ""
+    hints = [f"{name!r} is a parameter of {', '.join(registry.methods_taking(name))}"
+             for name in sorted(set(error.instance) - set(error.schema["properties"])) if registry.methods_taking(name)]
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+def method_errors(methods: dict) -> Iterator[tuple[list, str]]:
+    """(key path, message) for each entry under ``methods`` that names no registry method or sets
+    a parameter its method does not take or allow. Defaults stay out of the config: the registry
+    applies them at fit time, so naming a default changes no job's parameters."""
+    known = ", ".join(registry.METHODS)
+    for name, entry in methods.items():
+        method = registry.method_of(name, entry)
+        if method not in registry.METHODS:
+            if "method" in entry:
+                yield ["methods", name, "method"], f"methods.{name}.method: unknown method {method!r}; known: {known}"
+            else:
+                yield ["methods", name], (f"methods: unknown key {name!r}; allowed: {known} "
+                                          "(or any name with method: <one of them>)")
+            continue
+        schema = {"properties": {"methods": {"properties": {name: registry.entry_schema(method)}}}}
+        for error in _sorted_errors(Draft202012Validator(schema), {"methods": {name: entry}}):
+            path, message = describe(error)
+            yield path, message + _another_methods_param(error)
 
 
 def _unreadable(path: Path) -> str | None:
@@ -190,6 +228,11 @@ def relation_errors(config: dict) -> Iterator[tuple[list, str]]:
         unknown = [m for m in config[key]["methods"] if m not in methods]
         if unknown:
             yield [key, "methods"], f"{key}.methods names {unknown}, which are not under methods: {methods}"
+    decodable = registry.decodable(config)
+    for index, name in enumerate(config["speed"]["methods"]):
+        if name in methods and name not in decodable:
+            yield ["speed", "methods", index], (f"speed.methods.{index}: {name!r} is not allowed (its method has no "
+                                                f"decode path); allowed: {', '.join(decodable) or 'none configured'}")
     if config["patterns"]["method"] not in methods:
         yield ["patterns", "method"], f"patterns.method {config['patterns']['method']!r} is not under methods: {methods}"
     window, stride = config["perplexity"]["window"], config["perplexity"]["stride"]

@@ -25,17 +25,18 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from actsparse.anatomy import Anatomy, anatomy_of, decoder_layers
+from actsparse.components import INPUT_COMPONENTS
 
 Key = tuple[int, str]  # (layer index, component)
 Sink = Callable[[int, str, torch.Tensor], None]
 TokenMask = Callable[[int], torch.Tensor]  # seq_len -> bool [seq_len], True = sparsify that position
 
-INPUT_COMPONENTS = ("ffn_in", "h", "attn_in", "o_in")
 
 
 class Hooks:
@@ -84,6 +85,23 @@ def _sites(anatomy: Anatomy, component: str, kv_dense: bool = False) -> list[_Si
         return [_Site(a.gate_up, False, half=("gate", "up").index(component))]
     # a non-gated FFN keeps fc1 in the ``up`` slot, and its output is the ``gate`` component
     return [_Site(a.gate or a.up if component == "gate" else a.up, False)]
+
+
+def input_column_norms(model: nn.Module, components: Iterable[str], kv_dense: bool = False) -> dict[Key, np.ndarray]:
+    """Per layer and input component, the L2 norm of each input channel's column over every
+    module it feeds (as masking hooks them): ``sqrt(sum over consumers of ||W[:, c]||^2)``, float64."""
+    anatomy = anatomy_of(model)
+    components = tuple(components)
+    bad = sorted(set(components) - set(INPUT_COMPONENTS))
+    if bad:
+        raise ValueError(f"column norms exist for the inputs {list(INPUT_COMPONENTS)}, not {bad}")
+    norms = {}
+    for index, layer in enumerate(decoder_layers(model, anatomy)):
+        for component in components:
+            squares = sum(layer.get_submodule(site.path).weight.detach().double().square().sum(dim=0)
+                          for site in _sites(anatomy, component, kv_dense))
+            norms[index, component] = squares.sqrt().cpu().numpy()
+    return norms
 
 
 def _check_components(anatomy: Anatomy, components: Iterable[str]) -> None:

@@ -19,6 +19,18 @@ float32 values converted from the stored float16/bfloat16 values, reproduced exa
   keeps k and v dense (``kv_dense``), which a fused qkv projection (Phi-3) cannot do.
 * ``teal``: ``t = P_s(|v|)`` on ffn_in, h, attn_in and o_in, the inputs of all seven projections,
   one uniform sparsity.
+* ``wina``: TEAL's components scored by ``|x_c| * n_c``, ``n_c`` the L2 norm of column ``c`` of the
+  weights that consume the input (``hooks.input_column_norms``: for an input feeding several
+  projections, gate and up or q, k and v, the norm over all of them stacked, which is the column
+  norm of a fused gate_up or qkv weight). ``T = P_s(|x| * n)`` per layer and component (float32
+  products, as chess), ``t_c = T / n_c``; ``n_c = 0`` is handled as ``m_c = 0`` in chess. Where
+  WINA's code differs: it masks gate and up (and q, k, v) separately, scoring gate's input with
+  gate_proj's column norms and up's and down's with unit norms (its models are first transformed
+  to make those columns orthogonal); here one mask per input serves all its consumers, so the
+  decode kernels skip the same columns of each.
+
+The registry (``actsparse.registry``) declares each method; ``FITS`` holds the fit of each of its
+scores.
 
 Non-gated FFNs (OPT, Phi-2; fit with ``gated=False``) have no ``up``: ``layer``'s default drops it
 (gate is then the fc1 output, h the fc2 input), ``cats`` is unchanged (``act`` feeds fc2), and
@@ -57,7 +69,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +79,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from actsparse.anatomy import COMPONENTS
+from actsparse.registry import (  # noqa: F401 (re-exported: the registry is part of this API)
+    METHODS,
+    QUANTILE_MODES,
+    Options,
+    Requirements,
+    method_named,
+    options,
+    requirements,
+)
 from actsparse.provenance import write_safetensors
 from actsparse.quantiles import QuantileSketch
 from actsparse.stats import Key, StoreStats, check_key
@@ -80,7 +101,6 @@ GRID_FORMAT = "actsparse.threshold-grid/1"
 # Every sparsity a two-decimal label can name: fitting them all at once means adding a level to
 # an experiment never refits.
 GRID = tuple(round(k / 100, 2) for k in range(100))
-QUANTILE_MODES = ("exact", "per_sample")
 QUANTILE_DEFINITION = (
     "numpy.percentile(values, 100 * s), method 'linear' (Hyndman-Fan type 7), on float32 values "
     "converted from the stored dtype"
@@ -97,26 +117,6 @@ class MissingComponentError(ValueError):
 
 class ThresholdFileError(ValueError):
     """A thresholds file is damaged or is not one."""
-
-
-@dataclass(frozen=True)
-class Requirements:
-    """What a method needs from collection and gives the sparsifier, for one model."""
-
-    collect: tuple[str, ...]  # components to capture into the calibration stores
-    masks: tuple[str, ...]  # components its thresholds zero (the keys of the fitted thresholds)
-    kv_dense: bool  # pass to hooks.apply_thresholds
-
-
-@dataclass(frozen=True)
-class _Options:
-    """A method's parameters, validated."""
-
-    method: str
-    masks: tuple[str, ...]
-    gated: bool
-    quantile_mode: str = "exact"
-    seq_len: int | None = None
 
 
 class Calibration:
@@ -168,18 +168,7 @@ class Calibration:
         return per_store[0]
 
 
-FitFn = Callable[[Calibration, np.ndarray, _Options], dict[Key, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registry entry: the fit and what the method touches (for a gated model)."""
-
-    fit: FitFn  # per key, thresholds shaped [levels] or [levels, channels]
-    masks: tuple[str, ...]  # components it zeroes (layer: the default of params["components"])
-    reads: tuple[str, ...] = ()  # components collected only to fit (chess: up, for m_c)
-    kv_dense: bool = False
-    params: tuple[str, ...] = ()  # the params it accepts
+FitFn = Callable[[Calibration, np.ndarray, Options], dict[Key, np.ndarray]]
 
 
 def _magnitude(chunk: torch.Tensor) -> torch.Tensor:
@@ -258,19 +247,19 @@ def _per_sample_quantiles(
 
 
 def _quantiles(
-    calib: Calibration, streams: Mapping[Key, Transform], qs: np.ndarray, opts: _Options
+    calib: Calibration, streams: Mapping[Key, Transform], qs: np.ndarray, opts: Options
 ) -> dict[Key, np.ndarray]:
     if opts.quantile_mode == "per_sample":
         return _per_sample_quantiles(calib.stores, streams, qs, opts.seq_len)
     return _exact_quantiles(calib.stores, streams, qs)
 
 
-def _fit_magnitudes(calib: Calibration, qs: np.ndarray, opts: _Options) -> dict[Key, np.ndarray]:
+def _fit_magnitudes(calib: Calibration, qs: np.ndarray, opts: Options) -> dict[Key, np.ndarray]:
     streams = {key: _magnitude for key in calib.keys(opts.masks, opts.method)}
     return _quantiles(calib, streams, qs, opts)
 
 
-def _chess_scales(calib: Calibration, opts: _Options) -> dict[int, torch.Tensor]:
+def _chess_scales(calib: Calibration, opts: Options) -> dict[int, torch.Tensor]:
     """m_c per layer, float32 as it multiplies |a|; all ones for a non-gated FFN."""
     layers = calib.layers("act", opts.method)
     if not opts.gated:
@@ -294,7 +283,7 @@ def _chess_scales(calib: Calibration, opts: _Options) -> dict[int, torch.Tensor]
     return scales
 
 
-def _chess_streams(calib: Calibration, opts: _Options) -> tuple[dict[Key, Transform], dict[int, torch.Tensor]]:
+def _chess_streams(calib: Calibration, opts: Options) -> tuple[dict[Key, Transform], dict[int, torch.Tensor]]:
     """Importance streams of act, magnitude streams of the other masked components, and m_c."""
     scales = _chess_scales(calib, opts)
     streams: dict[Key, Transform] = {(layer, "act"): _importance(m) for layer, m in scales.items()}
@@ -311,7 +300,7 @@ def _channel_thresholds(scores: np.ndarray, scale: torch.Tensor) -> np.ndarray:
     return np.where((m == 0) & (scores[:, None] == 0), 0.0, t)
 
 
-def _fit_chess(calib: Calibration, qs: np.ndarray, opts: _Options) -> dict[Key, np.ndarray]:
+def _fit_chess(calib: Calibration, qs: np.ndarray, opts: Options) -> dict[Key, np.ndarray]:
     streams, scales = _chess_streams(calib, opts)
     fitted = _quantiles(calib, streams, qs, opts)
     for layer, scale in scales.items():
@@ -319,58 +308,27 @@ def _fit_chess(calib: Calibration, qs: np.ndarray, opts: _Options) -> dict[Key, 
     return fitted
 
 
-_CHESS_PARAMS = ("quantile_mode", "seq_len")
-
-METHODS: dict[str, Method] = {
-    "layer": Method(_fit_magnitudes, masks=("gate", "up", "h"), params=("components",)),
-    "cats": Method(_fit_magnitudes, masks=("act",)),
-    "chess": Method(_fit_chess, masks=("act",), reads=("up",), params=_CHESS_PARAMS),
-    "chess+": Method(
-        _fit_chess, masks=("act", "attn_in", "o_in"), reads=("up",), kv_dense=True, params=_CHESS_PARAMS
-    ),
-    "teal": Method(_fit_magnitudes, masks=("ffn_in", "h", "attn_in", "o_in")),
-}
-
-
-def method_named(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None
+def _fit_column_norm(calib: Calibration, qs: np.ndarray, opts: Options) -> dict[Key, np.ndarray]:
+    """WINA: T = P_s(|x_c| * n_c) per key, t_c = T / n_c (n_c = 0 as m_c = 0 in chess)."""
+    scales = {}
+    for key in calib.keys(opts.masks, opts.method):
+        norm = opts.column_norms.get(key) if opts.column_norms else None
+        channels = calib.stats[key].channels
+        if norm is None or np.shape(norm) != (channels,):
+            raise ValueError(f"method {opts.method!r}: layer {key[0]} {key[1]!r} needs {channels} column norms, "
+                             f"got {None if norm is None else np.shape(norm)}")
+        scales[key] = torch.as_tensor(np.asarray(norm, dtype=np.float32))
+    fitted = _quantiles(calib, {key: _importance(scale) for key, scale in scales.items()}, qs, opts)
+    return {key: _channel_thresholds(fitted[key], scale) for key, scale in scales.items()}
 
 
-def _masks(name: str, method: Method, components: Iterable[str] | None, gated: bool) -> tuple[str, ...]:
-    if components is None:
-        return tuple(c for c in method.masks if gated or c != "up")
-    components = tuple(components)
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown or not components:
-        raise ValueError(f"method {name!r}: components must be some of {list(COMPONENTS)}, got {list(components)}")
-    if not gated and "up" in components:
-        raise ValueError(f"method {name!r}: a non-gated FFN has no 'up' component")
-    return components
+# the fit of each registry score: per key, thresholds shaped [levels] or [levels, channels]
+FITS: dict[str, FitFn] = {"magnitude": _fit_magnitudes, "up_mean": _fit_chess, "column_norm": _fit_column_norm}
 
 
-def _options(name: str, params: Mapping[str, Any] | None, gated: bool) -> _Options:
-    method = method_named(name)
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(method.params))
-    if unknown:
-        raise ValueError(f"method {name!r} takes no params {unknown}; it takes {list(method.params)}")
-    mode = params.get("quantile_mode", "exact")
-    if mode not in QUANTILE_MODES:
-        raise ValueError(f"quantile_mode must be one of {QUANTILE_MODES}, got {mode!r}")
-    seq_len = params.get("seq_len")
-    if mode == "per_sample" and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
-        raise ValueError(f"quantile_mode 'per_sample' needs seq_len, a positive int, got {seq_len!r}")
-    return _Options(name, _masks(name, method, params.get("components"), gated), gated, mode, seq_len)
-
-
-def requirements(method: str, params: Mapping[str, Any] | None = None, *, gated: bool = True) -> Requirements:
-    """Which components to collect and mask, and whether k/v stay dense, for a model."""
-    opts = _options(method, params, gated)
-    reads = tuple(c for c in method_named(method).reads if gated and c not in opts.masks)
-    return Requirements(collect=opts.masks + reads, masks=opts.masks, kv_dense=method_named(method).kv_dense)
+def needs_weights(method: str) -> bool:
+    """Whether fitting ``method`` needs the model's weights (``fit(..., column_norms=...)``)."""
+    return method_named(method).score == "column_norm"
 
 
 def _levels(sparsities: Iterable[float]) -> np.ndarray:
@@ -391,16 +349,20 @@ def fit(
     params: Mapping[str, Any] | None = None,
     *,
     gated: bool = True,
+    column_norms: Mapping[Key, np.ndarray] | None = None,
 ) -> dict[float, Thresholds]:
     """Thresholds of every (layer, masked component) for each sparsity, from two passes over the stores.
 
     ``gated`` says whether the model's FFN is gated (``Anatomy.gated``); see the module doc for
-    what each method means without ``up``.
+    what each method means without ``up``. ``column_norms``: for methods that ``needs_weights``,
+    ``hooks.input_column_norms`` of the model.
     """
-    opts = _options(method, params, gated)
+    opts = dataclasses.replace(options(method, params, gated), column_norms=column_norms)
+    if needs_weights(method) and column_norms is None:
+        raise ValueError(f"method {method!r} needs column_norms (hooks.input_column_norms of the model)")
     levels = _levels(sparsities)
     with Calibration(store_paths) as calib:
-        fitted = method_named(method).fit(calib, levels, opts)
+        fitted = FITS[method_named(method).score](calib, levels, opts)
     for key, values in fitted.items():
         if np.isnan(values).any():
             raise ValueError(f"layer {key[0]} {key[1]!r}: a threshold is NaN (inf values in the stores)")
@@ -418,8 +380,8 @@ def quantile_mode_difference(
     One row per layer and sparsity; T before the sparsity-0 rule. Equal values give 0, a zero
     exact T with a nonzero per-sample one gives inf.
     """
-    exact = _options("chess", None, gated)
-    sampled = _options("chess", {"quantile_mode": "per_sample", "seq_len": seq_len}, gated)
+    exact = options("chess", None, gated)
+    sampled = options("chess", {"quantile_mode": "per_sample", "seq_len": seq_len}, gated)
     levels = _levels(sparsities)
     with Calibration(store_paths) as calib:
         streams, _ = _chess_streams(calib, exact)
@@ -446,7 +408,7 @@ def fit_metadata(
     provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The header of one fitted thresholds file (pass to ``save_thresholds``)."""
-    mode = _options(method, params, gated=True).quantile_mode
+    mode = options(method, params, gated=True).quantile_mode
     with Calibration(store_paths) as calib:
         tokens = calib.tokens
     return {

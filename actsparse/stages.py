@@ -116,7 +116,11 @@ def fit_thresholds(
     from actsparse import models
 
     gated = models.load_anatomy(model_dir).gated
-    fitted = methods.fit(method, store_paths, methods.GRID, params, gated=gated)
+    norms = None
+    if methods.needs_weights(method):
+        model, _ = models.load_model(model_dir, "cpu", "float32")
+        norms = hooks.input_column_norms(model, methods.requirements(method, params, gated=gated).masks)
+    fitted = methods.fit(method, store_paths, methods.GRID, params, gated=gated, column_norms=norms)
     metadata = methods.fit_metadata(method, 0.0, store_paths, params, provenance)
     methods.save_grid(out_path, fitted, metadata)
 

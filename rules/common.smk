@@ -1,6 +1,6 @@
 import shutil
 
-from actsparse.methods import requirements
+from actsparse.registry import configured, requirements
 
 from actsparse.config import check_config
 
@@ -73,18 +73,20 @@ def store_path(model, shard):
     return f"results/activations/{model}/calibration/shard-{shard}.{STORE_SUFFIX}"
 
 
-def method_params(method):
-    """A method's configured parameters, plus the calibration sequence length CHESS's
-    per-sample quantiles need."""
-    params = dict(config["methods"][method])
-    if method.startswith("chess"):
-        params["seq_len"] = config["collection"]["seq_len"]
-    return params
+def method_of(name):
+    """The registry method a config entry under methods configures."""
+    return configured(name, config)[0]
+
+
+def method_params(name):
+    """A config entry's fit parameters, with those the workflow fills in (CHESS's per-sample
+    quantiles take the calibration sequence length)."""
+    return configured(name, config)[1]
 
 
 def collected_components():
     """Every component some configured method fits on (non-gated models skip `up` at run time)."""
-    return sorted({c for m in METHODS for c in requirements(m, method_params(m)).collect})
+    return sorted({c for m in METHODS for c in requirements(*configured(m, config)).collect})
 
 
 def thresholds_of(wildcards):

@@ -5,6 +5,7 @@ rule fit_thresholds:
     output:
         "results/thresholds/{model}/{method}/grid.safetensors",
     params:
+        method=lambda wc: method_of(wc.method),
         method_params=lambda wc: method_params(wc.method),
     log:
         f"{LOGS}/fit_thresholds/{{model}}/{{method}}.log",

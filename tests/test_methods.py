@@ -13,7 +13,7 @@ import torch
 import zarr
 from safetensors.torch import save_file
 
-from actsparse import methods
+from actsparse import hooks, methods
 from actsparse.hooks import ZeroCounter, apply_thresholds, capture
 from actsparse.methods import (
     GRID,
@@ -136,6 +136,41 @@ def test_chess_equals_the_formula_on_both_shards(shards, mode) -> None:
             np.testing.assert_array_equal(stacked(fitted, (layer, component)), expected)
 
 
+def random_norms(widths: dict, components) -> dict:
+    """Column norms per key, one channel of each at 0 (as a weight column of zeros gives)."""
+    rng = np.random.default_rng(3)
+    norms = {(layer, c): rng.uniform(0.1, 3.0, widths[c]) for layer in LAYERS for c in components}
+    for norm in norms.values():
+        norm[1] = 0.0
+    return norms
+
+
+def test_wina_thresholds_are_numpy_percentiles_of_the_weighted_scores(shards) -> None:
+    paths, stored = shards
+    masks = requirements("wina").masks
+    norms = random_norms(WIDTHS, masks)
+    fitted = fit("wina", paths, LEVELS, column_norms=norms)
+    assert masks == ("ffn_in", "h", "attn_in", "o_in") and sorted(fitted[0.5]) == sorted(norms)
+    for key, norm in norms.items():
+        n = norm.astype(np.float32)
+        scores = percentiles(np.concatenate(stored[key]) * n)  # the float32 product, as WINA ranks it
+        with np.errstate(divide="ignore", invalid="ignore"):
+            expected = scores[:, None] / n.astype(np.float64)
+        expected[np.isnan(expected)] = 0  # T = 0 on a zero column: nothing to drop
+        expected[LEVELS == 0] = 0
+        np.testing.assert_array_equal(stacked(fitted, key), expected)
+        assert np.isinf(stacked(fitted, key)[LEVELS >= 0.25, 1]).all()  # a zero column: dropped once T > 0
+
+
+def test_wina_needs_column_norms_of_every_key(shards) -> None:
+    paths, _ = shards
+    with pytest.raises(ValueError, match="needs column_norms"):
+        fit("wina", paths, [0.5])
+    norms = random_norms(WIDTHS, ("ffn_in", "h", "attn_in"))
+    with pytest.raises(ValueError, match="layer 0 'o_in' needs 16 column norms, got None"):
+        fit("wina", paths, [0.5], column_norms=norms)
+
+
 def test_chess_is_chess_plus_without_attention(shards) -> None:
     paths, _ = shards
     chess = fit("chess", paths, [0.5])[0.5]
@@ -234,7 +269,7 @@ def test_a_gated_model_fitted_as_non_gated_is_refused(shards) -> None:
 
 
 def test_registry_declares_collection_masks_and_dense_kv() -> None:
-    assert set(METHODS) == {"layer", "cats", "chess", "chess+", "teal"}
+    assert set(METHODS) == {"layer", "cats", "chess", "chess+", "teal", "wina"}
     plus = requirements("chess+")
     assert plus.masks == ("act", "attn_in", "o_in") and "up" in plus.collect and plus.kv_dense
     assert not any(requirements(m).kv_dense for m in ("layer", "cats", "chess", "teal"))
@@ -243,7 +278,7 @@ def test_registry_declares_collection_masks_and_dense_kv() -> None:
 
 
 @pytest.mark.parametrize("args, error", [
-    (("dense", [0.5]), "unknown method 'dense'; known methods: layer, cats, chess, chess\\+, teal"),
+    (("dense", [0.5]), "unknown method 'dense'; known methods: layer, cats, chess, chess\\+, teal, wina"),
     (("cats", [1.0]), r"sparsity levels must lie in \[0, 1\), got \[1.0\]"),
     (("cats", [-0.1, 0.5]), r"got \[-0.1\]"),
     (("cats", [float("nan")]), r"got \[nan\]"),
@@ -390,3 +425,37 @@ def test_achieved_sparsity_on_the_calibration_tokens_meets_the_target(model_shar
             allowance = rounding_allowance(paths, key, t)
             assert allowance < 0.01
             assert achieved(model, batches, key, t) == pytest.approx(s, abs=allowance), (key, s)
+
+
+def test_wina_masking_equals_an_independent_hook_on_its_scores(model_shards) -> None:
+    """Masking with the fitted per-channel thresholds is WINA's rule ``|x_i| * ||W[:, i]|| < T``
+    applied by plain pre-hooks on every projection, T the numpy percentile of the stored scores."""
+    model, batches, paths = model_shards
+    norms = hooks.input_column_norms(model, requirements("wina").masks)
+    fitted = fit("wina", paths, [0.5], column_norms=norms)[0.5]
+    consumers = {"ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "h": ("mlp.down_proj",),
+                 "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o_in": ("self_attn.o_proj",)}
+    reference_hooks = []
+    for index, component in fitted:
+        layer = model.model.layers[index]
+        weights = [layer.get_submodule(p).weight.detach() for p in consumers[component]]
+        norm = torch.linalg.vector_norm(torch.cat(weights), dim=0)
+        values = []
+        for path in paths:
+            with open_store(path) as store:
+                values += [chunk.float().abs() * norm.float() for chunk in store.iter_chunks(index, component)]
+        T = float(np.percentile(torch.cat(values).numpy(), 50))
+
+        def keep(module, args, norm=norm, T=T):
+            x = args[0]
+            return (x * ((x.abs() * norm) >= T),)
+
+        reference_hooks += [layer.get_submodule(p).register_forward_pre_hook(keep) for p in consumers[component]]
+    with torch.no_grad():
+        expected = [model(batch).logits for batch in batches]
+    for handle in reference_hooks:
+        handle.remove()
+    with apply_thresholds(model, fitted), torch.no_grad():
+        got = [model(batch).logits for batch in batches]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ with job(snakemake) as ctx:
     stages.fit_thresholds(
         store_paths=snakemake.input.stores,
         model_dir=snakemake.input.model,
-        method=snakemake.wildcards.method,
+        method=snakemake.params.method,
         params=snakemake.params.method_params,
         out_path=snakemake.output[0],
         provenance=ctx.provenance,
