@@ -1,7 +1,8 @@
 """Column names of every result table, named once here and used by writers, readers and tests."""
 
 PERPLEXITY = ("model", "method", "target_sparsity", "achieved_sparsity", "skipped_ffn_params", "ppl", "word_ppl", "tokens")
-DOWNSTREAM = ("model", "method", "target_sparsity", "task", "acc", "acc_norm", "n", "achieved_sparsity", "skipped_ffn_params")
+DOWNSTREAM = ("model", "method", "target_sparsity", "task", "acc", "acc_stderr", "acc_norm", "n", "achieved_sparsity",
+              "skipped_ffn_params")
 AVERAGE_TASK = "average"  # the task label of the 8-task mean row of each (model, method, sparsity)
 SPEED = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup")
 # the paper layouts (actsparse.publish); their value columns follow the data (sparsity levels, tasks)
@@ -9,6 +10,7 @@ MODELS = ("model", "family", "activation", "parameters", "layers", "ffn_share") 
 PERPLEXITY_WIDE_KEYS = ("model", "method")  # then one ppl column per target sparsity, two decimals
 DOWNSTREAM_WIDE_KEYS = ("model", "method", "target_sparsity")  # then acc per task and the average
 ACTIVATED_FFN_PARAMS = "activated_ffn_params"  # 1 - skipped_ffn_params: the FFN weight work still done
+AVERAGE_STDERR = "average_stderr"  # the wide layout's acc_stderr of the task average
 PROVENANCE = ("file", "config_hash", "code_version", "device", "seed", "python", "packages")
 # row identities of the pattern tables (also their row order); similarity sorts high to low, as in the paper
 MATCH_KEYS = ("model", "strategy", "sample", "similarity", "layer", "metric")

@@ -81,12 +81,14 @@ TABLES: dict[str, Table] = {
     ),
     "downstream": Table(
         "Downstream tasks", "Zero-shot accuracy per task",
-        "acc and acc_norm per model, method, target sparsity and task; task average is the mean over the tasks.",
+        "acc, its standard error (as lm-eval computes it) and acc_norm per model, method, target sparsity and task; "
+        "task average is the mean over the tasks, its acc_stderr that of the mean of independent tasks.",
     ),
     "downstream_wide": Table(
         "Downstream tasks", "Zero-shot accuracy, CHESS layout",
         "acc of every task and their average per model, method and target sparsity, and activated_ffn_params: "
-        "1 - skipped_ffn_params, the share of FFN weight work still done.",
+        "1 - skipped_ffn_params, the share of FFN weight work still done, and average_stderr, the average's "
+        "standard error.",
         **layout_of("downstream", tables.downstream_wide),
     ),
     "weights": Table(

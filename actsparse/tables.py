@@ -35,12 +35,21 @@ def with_dense_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([frame[frame.method != "dense"], *copies], ignore_index=True)
 
 
+def stderr_of_mean(stderrs: pd.Series) -> float:
+    """Standard error of the unweighted mean of independent task accuracies: sqrt(sum se_i^2) / k."""
+    return math.sqrt((stderrs**2).sum()) / len(stderrs)
+
+
 def downstream(paths: Sequence[Path]) -> pd.DataFrame:
-    """Per-task rows plus, per (model, method, sparsity), the mean over tasks as task "average"."""
+    """Per-task rows plus, per (model, method, sparsity), the mean over tasks as task "average".
+
+    ``acc_stderr`` of a task is the harness's (``tasks.summarize``: the sample standard deviation
+    of the per-example hits over sqrt(n)); of the average, ``stderr_of_mean`` of the tasks'."""
     frame = collect_results(paths, columns.DOWNSTREAM)
     keys = ["model", "method", "target_sparsity"]
     average = frame.groupby(keys, as_index=False).agg(
         acc=("acc", "mean"),
+        acc_stderr=("acc_stderr", stderr_of_mean),
         acc_norm=("acc_norm", "mean"),
         n=("n", "sum"),
         achieved_sparsity=("achieved_sparsity", "mean"),
@@ -63,12 +72,14 @@ def perplexity_wide(frame: pd.DataFrame) -> pd.DataFrame:
 
 def downstream_wide(frame: pd.DataFrame) -> pd.DataFrame:
     """CHESS's downstream table: rows (model, method, target sparsity); acc of every task in the
-    table's order, their average, and the fraction of FFN weight work still done."""
+    table's order, their average, the fraction of FFN weight work still done, and the average's
+    standard error."""
     keys = list(columns.DOWNSTREAM_WIDE_KEYS)
     tasks = [t for t in dict.fromkeys(frame.task) if t != columns.AVERAGE_TASK] + [columns.AVERAGE_TASK]
     wide = frame.pivot(index=keys, columns="task", values="acc")[tasks]
     average = frame[frame.task == columns.AVERAGE_TASK].set_index(keys)
     wide[columns.ACTIVATED_FFN_PARAMS] = 1 - average.skipped_ffn_params
+    wide[columns.AVERAGE_STDERR] = average.acc_stderr
     wide.columns.name = None
     return wide.reset_index()
 

@@ -36,6 +36,7 @@ def downstream_table(seed=1):
     grid = [("dense", 0.0, t) for t in TASKS] + [(m, s, t) for m in METHODS for s in LEVELS for t in TASKS]
     frame = pd.DataFrame(grid, columns=["method", "target_sparsity", "task"]).assign(model=MODEL)
     frame["acc"], frame["acc_norm"] = rng.uniform(0.2, 0.8, (2, len(frame)))
+    frame["acc_stderr"] = 0.15
     frame["n"] = 10
     frame["achieved_sparsity"] = frame.target_sparsity + 0.1
     frame["skipped_ffn_params"] = frame.target_sparsity * 0.8

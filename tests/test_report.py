@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from actsparse import columns, formats, publish, tables
 from actsparse.anatomy import model_summary
 from actsparse.models import load_model
 from actsparse.provenance import provenance
+from actsparse.tasks import Doc, summarize
 from conftest import FAMILIES, REPO
 
 BOOKTABS = (r"\toprule", r"\midrule", r"\bottomrule")
@@ -117,13 +120,36 @@ def test_perplexity_wide_has_one_column_per_level_starting_at_the_dense_baseline
 def test_downstream_wide_is_the_chess_layout():
     rows = []
     for method, sparsity, skipped, accs in (("dense", 0.0, 0.0, (0.6, 0.8)), ("cats", 0.5, 0.4, (0.5, 0.7))):
-        rows += [("m", method, sparsity, task, acc, skipped) for task, acc in zip(("piqa", "boolq"), accs)]
-        rows.append(("m", method, sparsity, columns.AVERAGE_TASK, sum(accs) / 2, skipped))
-    frame = pd.DataFrame(rows, columns=["model", "method", "target_sparsity", "task", "acc", "skipped_ffn_params"])
+        rows += [("m", method, sparsity, task, acc, 0.1, skipped) for task, acc in zip(("piqa", "boolq"), accs)]
+        rows.append(("m", method, sparsity, columns.AVERAGE_TASK, sum(accs) / 2, 0.05, skipped))
+    frame = pd.DataFrame(rows, columns=["model", "method", "target_sparsity", "task", "acc", "acc_stderr",
+                                        "skipped_ffn_params"])
     wide = tables.downstream_wide(frame).set_index("method")
-    assert list(wide.columns) == ["model", "target_sparsity", "piqa", "boolq", "average", "activated_ffn_params"]
+    assert list(wide.columns) == ["model", "target_sparsity", "piqa", "boolq", "average", "activated_ffn_params",
+                                  "average_stderr"]
     assert wide.loc["cats", ["piqa", "boolq", "average"]].tolist() == pytest.approx([0.5, 0.7, 0.6])
     assert wide.activated_ffn_params.to_dict() == pytest.approx({"cats": 0.6, "dense": 1.0})
+    assert wide.average_stderr.to_dict() == {"cats": 0.05, "dense": 0.05}
+
+
+def test_downstream_acc_stderr_is_the_harness_sample_stderr_and_the_average_combines_them(tmp_path):
+    hits = {"piqa": [1, 0, 1, 1, 0, 1, 1], "boolq": [0, 0, 1, 0, 1]}
+    paths = []
+    for task, task_hits in hits.items():
+        docs = [Doc(("q", "q"), (" a", " b"), gold=0, norm_lengths=(2, 2)) for _ in task_hits]
+        scored = summarize(docs, [[-1.0, -2.0] if hit else [-2.0, -1.0] for hit in task_hits])
+        row = {"model": "m", "method": "cats", "target_sparsity": 0.5, "task": task, "acc": scored.acc,
+               "acc_stderr": scored.acc_stderr, "acc_norm": scored.acc_norm, "n": scored.n,
+               "achieved_sparsity": 0.5, "skipped_ffn_params": 0.4}
+        paths.append(tmp_path / f"{task}.json")
+        paths[-1].write_text(json.dumps(row))
+    table = tables.downstream(paths).set_index("task")
+    expected = {task: statistics.stdev(h) / math.sqrt(len(h)) for task, h in hits.items()}  # lm-eval's mean_stderr
+    for task, stderr in expected.items():
+        assert table.loc[task, "acc_stderr"] == pytest.approx(stderr, rel=1e-12)
+    average = math.sqrt(sum(se**2 for se in expected.values())) / len(expected)
+    assert table.loc[columns.AVERAGE_TASK, "acc_stderr"] == pytest.approx(average, rel=1e-12)
+    assert tables.downstream_wide(table.reset_index()).average_stderr.tolist() == pytest.approx([average])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

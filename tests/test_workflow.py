@@ -174,7 +174,7 @@ def test_paper_layouts_of_the_tiny_run(finished_run):
     assert wide.loc["chess", "0.50"] == perplexity.loc["chess", "ppl"]
     downstream = pd.read_csv(tables / "downstream_wide.csv")
     assert list(downstream.columns) == [*columns.DOWNSTREAM_WIDE_KEYS, "arc_easy", "winogrande", columns.AVERAGE_TASK,
-                                        columns.ACTIVATED_FFN_PARAMS]
+                                        columns.ACTIVATED_FFN_PARAMS, columns.AVERAGE_STDERR]
     assert list(zip(downstream.method, downstream.target_sparsity)) == [("cats", 0.5), ("dense", 0.0)]
     assert 0.3 < downstream.activated_ffn_params[0] < 0.8 and downstream.activated_ffn_params[1] > 0.99
 
