@@ -11,6 +11,9 @@ PERPLEXITY_WIDE_KEYS = ("model", "method")  # then one ppl column per target spa
 DOWNSTREAM_WIDE_KEYS = ("model", "method", "target_sparsity")  # then acc per task and the average
 ACTIVATED_FFN_PARAMS = "activated_ffn_params"  # 1 - skipped_ffn_params: the FFN weight work still done
 AVERAGE_STDERR = "average_stderr"  # the wide layout's acc_stderr of the task average
+# perplexity interpolated at equal skipped FFN weight work (actsparse.tables.perplexity_at_budget)
+PERPLEXITY_AT_BUDGET = ("model", "method", "skipped_ffn_params", ACTIVATED_FFN_PARAMS, "ppl")
+BUDGETS = (0.3, 0.4, 0.5)  # skipped_ffn_params at which every method's perplexity is compared
 PROVENANCE = ("file", "config_hash", "code_version", "device", "seed", "python", "packages")
 # row identities of the pattern tables (also their row order); similarity sorts high to low, as in the paper
 MATCH_KEYS = ("model", "strategy", "sample", "similarity", "layer", "metric")
@@ -24,6 +27,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "models": MODELS[:1],
     "perplexity": PERPLEXITY[:3],
     "perplexity_wide": PERPLEXITY_WIDE_KEYS,
+    "perplexity_at_budget": PERPLEXITY_AT_BUDGET[:3],
     "downstream": DOWNSTREAM[:4],
     "downstream_wide": DOWNSTREAM_WIDE_KEYS,
     "weights": ("model", "matrix", "bin_low", "bin_high"),

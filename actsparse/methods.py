@@ -98,6 +98,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]  # stored chunk -> float32 va
 
 THRESHOLDS_FORMAT = "actsparse.thresholds/1"
 GRID_FORMAT = "actsparse.threshold-grid/1"
+ALLOCATION_FORMAT = "actsparse.allocation/1"
 # Every sparsity a two-decimal label can name: fitting them all at once means adding a level to
 # an experiment never refits.
 GRID = tuple(round(k / 100, 2) for k in range(100))
@@ -454,16 +455,49 @@ def save_grid(path: str | os.PathLike, fitted: Mapping[float, Thresholds], metad
     _write(path, GRID_FORMAT, tensors, {**metadata, "sparsities": [float(s) for s in levels]})
 
 
-def load_grid(path: str | os.PathLike, sparsity: float) -> tuple[Thresholds, dict[str, Any]]:
-    """One level of a ``save_grid`` file, with its metadata (``target_sparsity`` set to the level)."""
+def read_grid(path: str | os.PathLike) -> tuple[dict[Key, torch.Tensor], np.ndarray, dict[str, Any]]:
+    """Every level of a ``save_grid`` file: per key the stacked thresholds, the levels, the metadata."""
     tensors, metadata = _read(path, GRID_FORMAT)
-    levels = np.asarray(metadata.pop("sparsities"), dtype=np.float64)
+    return tensors, np.asarray(metadata.pop("sparsities"), dtype=np.float64), metadata
+
+
+def _level_index(levels: np.ndarray, sparsity: float, path: str | os.PathLike) -> int:
     matches = np.flatnonzero(np.isclose(levels, sparsity, rtol=0, atol=1e-9))
     if not matches.size:
-        raise ValueError(f"sparsity {sparsity} is not in the grid of {path} ({len(levels)} levels, "
+        raise ValueError(f"sparsity {sparsity} is not in the levels of {path} ({len(levels)} levels, "
                          f"{levels.min():g} to {levels.max():g})")
-    index = int(matches[0])
+    return int(matches[0])
+
+
+def load_grid(path: str | os.PathLike, sparsity: float) -> tuple[Thresholds, dict[str, Any]]:
+    """One level of a ``save_grid`` file, with its metadata (``target_sparsity`` set to the level)."""
+    tensors, levels, metadata = read_grid(path)
+    index = _level_index(levels, sparsity, path)
     return {key: t[index] for key, t in tensors.items()}, metadata | {"target_sparsity": float(levels[index])}
+
+
+def save_allocation(
+    path: str | os.PathLike, allocation: Mapping[Key, np.ndarray], levels: Sequence[float], metadata: Mapping[str, Any]
+) -> None:
+    """A per-(layer, component) sparsity for each target level (``actsparse.allocation``)."""
+    tensors = {key: torch.as_tensor(np.asarray(v), dtype=torch.float64) for key, v in allocation.items()}
+    _write(path, ALLOCATION_FORMAT, tensors, {**metadata, "sparsities": [float(s) for s in levels]})
+
+
+def load_allocated(
+    grid_path: str | os.PathLike, allocation_path: str | os.PathLike, sparsity: float
+) -> tuple[Thresholds, dict[str, Any]]:
+    """One target level of an allocation: each key's thresholds at its allocated level of the grid,
+    with the grid's metadata and, under ``allocated_sparsity``, each key's level."""
+    tensors, levels, metadata = read_grid(grid_path)
+    allocation, info = _read(allocation_path, ALLOCATION_FORMAT)
+    target = _level_index(np.asarray(info["sparsities"], dtype=np.float64), sparsity, allocation_path)
+    if sorted(allocation) != sorted(tensors):
+        raise ValueError(f"{allocation_path} allocates other keys than {grid_path} holds")
+    chosen = {key: float(allocation[key][target]) for key in tensors}
+    thresholds = {key: t[_level_index(levels, chosen[key], grid_path)] for key, t in tensors.items()}
+    named = {tensor_name(*key): level for key, level in sorted(chosen.items())}
+    return thresholds, metadata | {"target_sparsity": float(sparsity), "allocated_sparsity": named}
 
 
 def _write(path: str | os.PathLike, fmt: str, tensors: Mapping[Key, torch.Tensor], metadata: Mapping[str, Any]) -> None:

@@ -79,6 +79,12 @@ TABLES: dict[str, Table] = {
         "Perplexity per model and method (rows) and target sparsity (columns); column 0.00 is the dense baseline.",
         **layout_of("perplexity", tables.perplexity_wide),
     ),
+    "perplexity_at_budget": Table(
+        "Perplexity", "Perplexity at equal skipped FFN work",
+        "Each method's perplexity interpolated (numpy.interp along its curve from the dense baseline) at 30, 40 and "
+        "50% skipped FFN weight work, i.e. at equal activated FFN parameters; empty where its curve ends earlier.",
+        **layout_of("perplexity", tables.perplexity_at_budget),
+    ),
     "downstream": Table(
         "Downstream tasks", "Zero-shot accuracy per task",
         "acc, its standard error (as lm-eval computes it) and acc_norm per model, method, target sparsity and task; "

@@ -125,9 +125,32 @@ def fit_thresholds(
     methods.save_grid(out_path, fitted, metadata)
 
 
-def select_thresholds(grid_path: Path, sparsity: float, out_path: Path) -> None:
-    thresholds, metadata = methods.load_grid(grid_path, sparsity)
+def select_thresholds(grid_path: Path, sparsity: float, out_path: Path, allocation_path: Path | None = None) -> None:
+    """One level's thresholds: the grid's at that level, or with a greedy allocation each key's
+    at its allocated level."""
+    if allocation_path is None:
+        thresholds, metadata = methods.load_grid(grid_path, sparsity)
+    else:
+        thresholds, metadata = methods.load_allocated(grid_path, allocation_path, sparsity)
     methods.save_thresholds(out_path, thresholds, metadata | {"target_sparsity": sparsity})
+
+
+def allocate_greedy(
+    model_dir: Path, corpus_path: Path, grid_path: Path, method: str, params: dict, out_path: Path, provenance: dict
+) -> None:
+    """The greedy allocation of every level of a method's grid (``actsparse.allocation``), on the
+    first calibration tokens after BOS."""
+    from actsparse import allocation, models
+
+    model, tokenizer = models.load_model(model_dir, "cpu", "float32")
+    kv_dense = methods.requirements(method, params, gated=anatomy_of(model).gated).kv_dense
+    text = corpora.load_corpus(corpus_path)["input_ids"][: allocation.SEARCH_TOKENS - 1]
+    ids = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])[None]
+    grid, levels, _ = methods.read_grid(grid_path)
+    allocated = allocation.allocate(model, ids, grid, levels, kv_dense)
+    metadata = {"method": method, "params": params, "search_tokens": ids.shape[1], "step": allocation.STEP,
+                "provenance": provenance}
+    methods.save_allocation(out_path, allocated, levels, metadata)
 
 
 def eval_perplexity(
@@ -285,12 +308,15 @@ def _write_csv(frame: pd.DataFrame, out_csv: Path) -> None:
     write_text(Path(out_csv), frame.to_csv(index=False))
 
 
-def perplexity_table(result_paths: list[Path], out_csv: Path, out_png: Path) -> pd.DataFrame:
+def perplexity_table(result_paths: list[Path], out_csv: Path, out_png: Path, cost_png: Path) -> pd.DataFrame:
+    """The perplexity table, its figure against target sparsity, and the one against what each
+    grid point costs (activated FFN parameters, achieved sparsity)."""
     from actsparse import tables
 
     frame = tables.collect_results(result_paths, columns.PERPLEXITY)
     _write_csv(frame, out_csv)
     tables.plot_perplexity(frame, out_png)
+    tables.plot_perplexity_at_cost(frame, cost_png)
     return frame
 
 

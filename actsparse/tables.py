@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -68,6 +69,46 @@ def perplexity_wide(frame: pd.DataFrame) -> pd.DataFrame:
     wide = frame.pivot(index=list(columns.PERPLEXITY_WIDE_KEYS), columns="target_sparsity", values="ppl")
     wide.columns = [f"{s:.2f}" for s in wide.columns]
     return wide.reset_index()
+
+
+def _curves(frame: pd.DataFrame):
+    """((model, method), its points sorted by skipped FFN work), each method from the dense baseline."""
+    frame = with_dense_baseline(frame)
+    for key, curve in frame.groupby(["model", "method"], sort=True):
+        yield key, curve.sort_values(["skipped_ffn_params", "target_sparsity"])
+
+
+def perplexity_at_budget(frame: pd.DataFrame, budgets: Sequence[float] = columns.BUDGETS) -> pd.DataFrame:
+    """Each method's perplexity at equal skipped FFN weight work: ``numpy.interp`` of ppl over
+    skipped_ffn_params along its curve (dense baseline first), NaN past the curve's last point
+    (never extrapolated). Methods reach different skipped work at the same target sparsity, so
+    this, not the target, is where they compare at equal cost."""
+    rows = []
+    for (model, method), curve in _curves(frame):
+        skipped, ppl = curve.skipped_ffn_params.to_numpy(), curve.ppl.to_numpy()
+        for budget in budgets:
+            value = np.interp(budget, skipped, ppl, left=np.nan, right=np.nan)
+            rows.append((model, method, budget, 1 - budget, float(value)))
+    return pd.DataFrame(rows, columns=list(columns.PERPLEXITY_AT_BUDGET))
+
+
+def plot_perplexity_at_cost(frame: pd.DataFrame, png: Path) -> None:
+    """Perplexity against the activated FFN parameters (1 - skipped work) and against the achieved
+    sparsity, one row of two panels per model, one curve per method from the dense baseline."""
+    models = sorted(frame.model.unique())
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        for (_, method), curve in _curves(frame[frame.model == model]):
+            row[0].plot(1 - curve.skipped_ffn_params, curve.ppl, marker="o", label=method)
+            row[1].plot(curve.achieved_sparsity, curve.ppl, marker="o", label=method)
+        row[0].set(xlabel="activated FFN parameters (1 - skipped FFN weight work)")
+        row[1].set(xlabel="achieved sparsity")
+        for ax in row:
+            ax.set(title=model, ylabel="perplexity (log scale)", yscale="log")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    save_figure(fig, png)
 
 
 def downstream_wide(frame: pd.DataFrame) -> pd.DataFrame:

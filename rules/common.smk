@@ -1,6 +1,6 @@
 import shutil
 
-from actsparse.registry import configured, requirements
+from actsparse.registry import configured, options, requirements
 
 from actsparse.config import check_config
 
@@ -89,6 +89,13 @@ def collected_components():
     return sorted({c for m in METHODS for c in requirements(*configured(m, config)).collect})
 
 
+def allocation_of(wildcards):
+    """The greedy allocation a method entry's levels are selected with; none for uniform."""
+    if options(*configured(wildcards.method, config)).allocation == "uniform":
+        return []
+    return [f"results/thresholds/{wildcards.model}/{wildcards.method}/allocation.safetensors"]
+
+
 def thresholds_of(wildcards):
     """The thresholds file of a grid point; none for the dense baseline."""
     if wildcards.method == DENSE:
@@ -100,6 +107,7 @@ def final_targets():
     return [
         "results/tables/perplexity.csv",
         "results/figures/perplexity.png",
+        "results/figures/perplexity_cost.png",
         "results/tables/downstream.csv",
         "results/tables/weights.csv",
         "results/tables/natural_sparsity.csv",

@@ -36,6 +36,13 @@ rule perplexity_table:
             subcategory="Figures",
         ),
         figure_pdf="results/figures/perplexity.pdf",
+        cost=report(
+            "results/figures/perplexity_cost.png",
+            caption="../report/figures/perplexity_cost.rst",
+            category="Perplexity",
+            subcategory="Figures",
+        ),
+        cost_pdf="results/figures/perplexity_cost.pdf",
     log:
         f"{LOGS}/perplexity_table.log",
     conda:

@@ -20,9 +20,33 @@ rule fit_thresholds:
         "../workflow_scripts/fit_thresholds.py"
 
 
+rule allocate_greedy:
+    input:
+        model="results/models/{model}",
+        corpus="results/corpora/{model}/calibration.safetensors",
+        grid="results/thresholds/{model}/{method}/grid.safetensors",
+    output:
+        "results/thresholds/{model}/{method}/allocation.safetensors",
+    params:
+        method=lambda wc: method_of(wc.method),
+        method_params=lambda wc: method_params(wc.method),
+    log:
+        f"{LOGS}/allocate_greedy/{{model}}/{{method}}.log",
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    threads: config["threads"]
+    cache: "omit-software"
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/allocate_greedy.py"
+
+
 rule select_thresholds:
     input:
-        "results/thresholds/{model}/{method}/grid.safetensors",
+        grid="results/thresholds/{model}/{method}/grid.safetensors",
+        allocation=allocation_of,
     output:
         "results/thresholds/{model}/{method}/{sparsity}.safetensors",
     log:

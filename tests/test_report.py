@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import jinja2
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -115,6 +117,31 @@ def test_perplexity_wide_has_one_column_per_level_starting_at_the_dense_baseline
     assert list(wide.columns) == ["model", "method", "0.00", "0.50", "0.70"]
     assert wide.set_index("method").loc["chess"].tolist() == ["m", 10.0, 11.0, 13.0]
     assert list(wide.method) == ["cats", "chess"]  # the baseline is every method's first column, not a row
+
+
+def test_perplexity_at_budget_is_numpy_interp_along_each_curve_from_the_dense_baseline():
+    frame = PERPLEXITY.assign(skipped_ffn_params=[0.0, 0.35, 0.55, 0.28, 0.45])
+    table = tables.perplexity_at_budget(frame).set_index(["method", "skipped_ffn_params"])
+    assert list(table.index) == [(m, b) for m in ("cats", "chess") for b in columns.BUDGETS]
+    for method, skipped, ppl in (("cats", [0.0, 0.35, 0.55], [10.0, 12.0, 15.0]),
+                                 ("chess", [0.0, 0.28, 0.45], [10.0, 11.0, 13.0])):
+        for budget in columns.BUDGETS:
+            expected = np.interp(budget, skipped, ppl) if budget <= skipped[-1] else np.nan
+            assert table.loc[(method, budget), "ppl"] == pytest.approx(expected, nan_ok=True)
+            assert table.loc[(method, budget), columns.ACTIVATED_FFN_PARAMS] == pytest.approx(1 - budget)
+    assert np.isnan(table.loc[("chess", 0.5), "ppl"])  # past its curve: not extrapolated
+
+
+def test_the_cost_figure_draws_every_method_in_both_panels(tmp_path):
+    frame = PERPLEXITY.assign(skipped_ffn_params=[0.0, 0.35, 0.55, 0.28, 0.45], achieved_sparsity=[0, .5, .7, .5, .7])
+    with patch.object(tables, "save_figure") as save:
+        tables.plot_perplexity_at_cost(frame, tmp_path / "cost.png")
+    figure = save.call_args[0][0]
+    for ax, x in zip(figure.axes, ([1.0, 0.65, 0.45], [0.0, 0.5, 0.7])):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert sorted(lines) == ["cats", "chess"]
+        assert lines["cats"].get_xdata().tolist() == pytest.approx(x)
+        assert lines["cats"].get_ydata().tolist() == [10.0, 12.0, 15.0]
 
 
 def test_downstream_wide_is_the_chess_layout():

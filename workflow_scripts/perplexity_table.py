@@ -2,4 +2,4 @@ from actsparse import stages
 from actsparse.runtime import job
 
 with job(snakemake):
-    stages.perplexity_table(snakemake.input, snakemake.output.table, snakemake.output.figure)
+    stages.perplexity_table(snakemake.input, snakemake.output.table, snakemake.output.figure, snakemake.output.cost)
