@@ -32,6 +32,7 @@ Where this differs from TEAL's greedyopt.py:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ from torch import nn
 from actsparse.anatomy import Anatomy, anatomy_of, decoder_layers
 from actsparse.hooks import _sites, apply_thresholds
 from actsparse.stats import Key
+
+log = logging.getLogger(__name__)
 
 STEP = 0.05  # raise of one component's sparsity per greedy step
 SEARCH_TOKENS = 256  # calibration tokens (BOS included) the block errors are measured on
@@ -169,4 +172,7 @@ def allocate(
                 for c in components:
                     chosen[c][i] = point[1][c]
         allocation |= {(index, c): chosen[c] for c in components}
+        greedy = int(sum(chosen[c] != levels for c in components).astype(bool).sum())
+        log.info("layer %d: %d greedy steps, greedy allocation at %d of %d levels", index, len(points) - 1, greedy,
+                 len(levels))
     return allocation

@@ -30,7 +30,8 @@ float32 values converted from the stored float16/bfloat16 values, reproduced exa
   decode kernels skip the same columns of each.
 
 The registry (``actsparse.registry``) declares each method; ``FITS`` holds the fit of each of its
-scores.
+scores. Every method fits one sparsity for all its keys; ``allocation: greedy`` then picks each
+key's level of the same grid per target (``actsparse.allocation``, ``load_allocated``).
 
 Non-gated FFNs (OPT, Phi-2; fit with ``gated=False``) have no ``up``: ``layer``'s default drops it
 (gate is then the fc1 output, h the fc2 input), ``cats`` is unchanged (``act`` feeds fc2), and
