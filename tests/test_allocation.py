@@ -17,15 +17,8 @@ CONSUMERS = {"ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "h": ("mlp.down_proj",)
              "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o_in": ("self_attn.o_proj",)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def coarse_steps():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(allocation, "STEP", 0.1)  # half the search's block runs; the rules are the same
-        yield
-
-
 @pytest.fixture(scope="module")
-def searched(coarse_steps):
+def searched():
     """A tiny model, its calibration tokens, TEAL's threshold grid on them (numpy percentiles of
     the dense |values|) and the greedy allocation."""
     model = tiny_model("llama", seed=0)

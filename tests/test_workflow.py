@@ -186,7 +186,7 @@ def test_report_builds_offline_with_every_table_and_figure(finished_run):
     page = out.read_text()
     for name in PUBLISHED:
         assert f'"{name}.html"' in page, name
-    for figure in ("perplexity", "weights", "natural_sparsity", "activation_cdf"):
+    for figure in ("perplexity", "perplexity_cost", "weights", "natural_sparsity", "activation_cdf"):
         assert f'"{figure}.png"' in page, figure
     for category in {publish.TABLES[name].category for name in PUBLISHED}:
         assert category in page, category
