@@ -7,7 +7,8 @@ parameter-weighted sparsity. A component's weight is the parameters of the proje
 zeros concern (``component_parameters``: ffn_in gate and up, h down, attn_in q, k and v, o_in o,
 act up and down), so the block's average ``f = sum_c w_c s_c / sum_c w_c`` is TEAL's effective
 sparsity. Every step is one point of the layer's path; the allocation of target level ``L`` is
-the first point with ``f >= L``. Thresholds are the method's own fit (its grid file) at each
+the path up to the step that crosses ``L``, that step taken only as far as ``L`` needs (to the
+next 0.01 of the raised component, the fit's grid). Thresholds are the method's own fit (its grid file) at each
 component's level, so one search serves every method level and every target.
 
 Block output error: the decoder layer run alone on its dense input (captured from one dense
@@ -34,6 +35,7 @@ Where this differs from TEAL's greedyopt.py:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +49,7 @@ from actsparse.stats import Key
 
 log = logging.getLogger(__name__)
 
-# A layer's search runs about (4 / STEP) * components + 100 blocks on SEARCH_TOKENS tokens: with
+# A layer's search runs about (4 / STEP) * components + 200 blocks on SEARCH_TOKENS tokens: with
 # these, ~3 CPU minutes for SmolLM2-135M's 30 layers (one thread); finer steps or more tokens
 # cost proportionally more.
 STEP = 0.1  # raise of one component's sparsity per greedy step
@@ -124,6 +126,17 @@ class _LayerSearch:
     def average(self, levels: Mapping[str, float]) -> float:
         return sum(self.weights[c] * s for c, s in levels.items()) / self.total
 
+    def at(self, points: list[tuple[float, dict[str, float], float]], level: float) -> dict[str, float] | None:
+        """The path's allocation at ``level``: the step that crosses it, taken only as far as the
+        level needs (to the next 0.01 of the raised component); None past the path's end."""
+        crossing = next((k for k, point in enumerate(points) if point[0] >= level - 1e-9), None)
+        if crossing is None or crossing == 0:
+            return None if crossing is None else points[0][1]
+        (f, before, _), after = points[crossing - 1], points[crossing][1]
+        (raised,) = [c for c in before if before[c] != after[c]]
+        need = (level - f) * self.total / self.weights[raised]
+        return before | {raised: min(after[raised], round(before[raised] + math.ceil(need * 100 - 1e-9) / 100, 2))}
+
     def path(self, top: float) -> list[tuple[float, dict[str, float], float]]:
         """(average f, component levels, block error) after each step, dense first."""
         levels = {c: 0.0 for c in self.weights}
@@ -169,13 +182,13 @@ def allocate(
         points = search.path(top=float(levels[-1]))
         chosen = {c: np.array(levels) for c in components}  # uniform unless greedy is better
         for i, level in enumerate(levels):
-            point = next((p for p in points if p[0] >= level - 1e-9), None)
+            greedy = search.at(points, float(level))
             uniform = {c: float(level) for c in components}
-            if level == 0 or point is None or point[1] == uniform:
+            if level == 0 or greedy is None or greedy == uniform:
                 continue
-            if point[2] < search.error(uniform) - _TIE:
+            if search.error(greedy) < search.error(uniform) - _TIE:
                 for c in components:
-                    chosen[c][i] = point[1][c]
+                    chosen[c][i] = greedy[c]
         allocation |= {(index, c): chosen[c] for c in components}
         greedy = int(sum(chosen[c] != levels for c in components).astype(bool).sum())
         log.info("layer %d: %d greedy steps, greedy allocation at %d of %d levels", index, len(points) - 1, greedy,

@@ -60,7 +60,7 @@ def test_greedy_reaches_each_weighted_average_without_more_error_than_uniform(se
             index = round(level * 100)
             levels = {c: float(allocated[layer, c][index]) for c in CONSUMERS}
             average = sum(w[c] * s for c, s in levels.items()) / sum(w.values())
-            assert level - 1e-9 <= average <= level + allocation.STEP, (layer, level, levels)
+            assert level - 1e-9 <= average <= level + 0.01, (layer, level, levels)  # the crossing step cut at 0.01
             uniform = {c: level for c in CONSUMERS}
             if levels != uniform:
                 greedy_used += 1
