@@ -224,6 +224,39 @@ class _Pass2:
             )
 
 
+def histogram_quantiles(values: np.ndarray, counts: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """What ``QuantileSketch(qs)`` returns for a stream holding ``values[i]`` ``counts[i]`` times,
+    from that histogram alone, so one pass over the data (which made it) is enough.
+
+    ``values``: distinct float32 values (a 16-bit float's magnitudes, say); those counted at
+    least once must be non-negative and not NaN.
+    Their order statistics are exact, and the interpolation is the sketch's own, so the result
+    equals the sketch's bit for bit.
+    """
+    values = np.asarray(values)
+    counts = np.asarray(counts, dtype=np.int64)
+    if values.dtype != np.float32 or values.shape != counts.shape or values.ndim != 1:
+        raise ValueError("values must be 1-D float32, counts int64 of the same shape")
+    held = counts > 0  # values counted 0 times (NaN patterns, say) play no part
+    values, counts = values[held], counts[held]
+    if np.isnan(values).any() or np.signbit(values).any():
+        raise ValueError("histogram values must be non-negative and not NaN")
+    order = np.argsort(values)
+    ordered, ends = values[order], np.cumsum(counts[order])
+    if len(np.unique(ordered)) != len(ordered):
+        raise ValueError("histogram values must be distinct")
+    sketch = QuantileSketch(qs)
+    if not len(ends):
+        raise ValueError("no values: quantiles of an empty input are undefined")
+    n = int(ends[-1])
+    v, lower, upper = sketch._indices(n)
+
+    def order_statistics(ranks: np.ndarray) -> np.ndarray:
+        return ordered[ends.searchsorted(ranks % n, side="right")]
+
+    return _lerp(order_statistics(lower), order_statistics(upper), v - lower)
+
+
 def exact_quantiles(chunks: Callable[[], Iterable[Chunk]], qs: Sequence[float]) -> np.ndarray:
     """Exact quantiles (one float64 per q) of every value ``chunks()`` yields; called twice."""
     sketch = QuantileSketch(qs)

@@ -52,7 +52,7 @@ import functools
 import json
 import numbers
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,15 +355,17 @@ class StoreStats:
             mine = self._stats.setdefault(key, TensorStats.empty(other[key].channels))
             mine.merge(other[key])
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write one safetensors file, atomically (a crash never leaves a half-written file)."""
+    def save(self, path: str | os.PathLike, extra: Mapping[str, np.ndarray] | None = None,
+             header: Mapping[str, str] | None = None) -> None:
+        """Write one safetensors file, atomically (a crash never leaves a half-written file);
+        ``extra`` arrays and ``header`` entries travel beside the statistics (``load`` skips them)."""
         path = Path(path)
-        arrays = {"edges": EDGES}
+        arrays = {"edges": EDGES, **(extra or {})}
         for key, stats in self._stats.items():
             name = array_name(*key)
             arrays |= {f"{name}/{part}": getattr(stats, part) for part in _PARTS}
-        header = {"format": STATS_FORMAT, "keys": json.dumps(sorted(self._stats))}
-        write_safetensors(path, save(arrays, metadata=header))
+        metadata = {**(header or {}), "format": STATS_FORMAT, "keys": json.dumps(sorted(self._stats))}
+        write_safetensors(path, save(arrays, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StoreStats:
