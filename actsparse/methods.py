@@ -198,14 +198,14 @@ def _nan_error(shard: str, key: Key) -> ValueError:
     return ValueError(f"{shard}: layer {key[0]} {key[1]!r} holds NaN values")
 
 
-def _pass2_groups(sketches: dict[Key, QuantileSketch]) -> Iterator[list[Key]]:
-    """Keys in groups whose pass-2 counts fit ``_PASS2_BYTES`` (one key at least), each group
+def _pass2_groups(sketches: dict[Key, QuantileSketch], budget: int) -> Iterator[list[Key]]:
+    """Keys in groups whose pass-2 counts fit ``budget`` bytes (one key at least), each group
     formed only when the previous one is done, so one group's counts (and one key's) exist at once."""
     group: list[Key] = []
     size = 0
     for key in list(sketches):  # keys only: the caller drops each finished group's sketches
         need = len(sketches[key].needed_buckets) * _BUCKET_BYTES  # sets up this key's pass 2
-        if group and size + need > _PASS2_BYTES:
+        if group and size + need > budget:
             yield group
             group, size = [], 0
         group.append(key)
@@ -238,7 +238,8 @@ def _exact_quantiles(
             sketches[key].add_pass1(values)  # refuses NaN
         except ValueError as exc:
             raise _nan_error(shard, key) from exc
-    for group in _pass2_groups(sketches):
+    # a source whose passes cost a forward each holds more counts at once (sources.ForwardSource)
+    for group in _pass2_groups(sketches, getattr(source, "pass2_bytes", _PASS2_BYTES)):
         for _, key, values in _sweep(source, {key: streams[key] for key in group}):
             sketches[key].add_pass2(values)
         results |= {key: sketches[key].result() for key in group}

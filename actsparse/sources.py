@@ -107,7 +107,14 @@ class ForwardSource:
     ``tokens`` is the whole calibration corpus; ``seq_len``, ``batch_size`` and ``bos_id`` are
     the collection's, so every pass repeats the shard jobs' forwards. ``forwards`` counts the
     passes made (one pass: every shard once).
+
+    ``pass2_bytes``: exact quantiles' pass-2 counts held at once (512 KiB per needed bucket,
+    about one per level and key: 50 MiB a key for the 100-level grid). A store source holds
+    512 MiB and sweeps the stores once per group of keys that fits; here a pass is a forward,
+    so up to 4 GiB is held, one group for up to ~80 CHESS layers of the grid.
     """
+
+    pass2_bytes = 1 << 32
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, summary_paths: Sequence[str | os.PathLike],
                  seq_len: int, batch_size: int, bos_id: int) -> None:
@@ -132,7 +139,10 @@ class ForwardSource:
     def shard_keys(self) -> list[tuple[str, list[Key]]]:
         return [(str(summary.path), summary.keys()) for summary in self.summaries]
 
-    def magnitude_counts(self, key: Key) -> tuple[np.ndarray, np.ndarray]:
+    def magnitude_counts(self, key: Key) -> tuple[np.ndarray, np.ndarray] | None:
+        """From the summaries' counts of 16-bit magnitudes; None for float32 (none counted)."""
+        if self.dtype == torch.float32:
+            return None
         counts = sum(summary.patterns[key] for summary in self.summaries)
         return _magnitudes(self.dtype).numpy(), counts
 

@@ -82,9 +82,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from actsparse.stats import BatchSummary, Key, StoreStats, array_name, check_key, summarize
 
 STORE_FORMAT = "actsparse.activations/1"
-STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Each stored dtype as numpy can hold it on disk: bfloat16 travels as its uint16 bit patterns.
-_DISK_VIEW = {torch.float16: torch.float16, torch.bfloat16: torch.uint16}
+_DISK_VIEW = {torch.float16: torch.float16, torch.bfloat16: torch.uint16, torch.float32: torch.float32}
 _META_ATTR = "actsparse"
 _MARKER_ATTR = "actsparse_complete"
 SUMMARY_FORMAT = "actsparse.shard-summary/1"
@@ -217,6 +217,11 @@ def _backend(path: Path) -> Backend:
         raise ValueError(f"{path}: store paths end in {' or '.join(_BACKENDS)}") from None
 
 
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _DISK_VIEW:
+        raise ValueError(f"stored dtype must be one of {', '.join(STORED_DTYPES)}, got {dtype}")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -297,8 +302,7 @@ class StoreWriter:
     ) -> None:
         self.path = Path(path)
         self._backend = _backend(self.path)
-        if dtype not in _DISK_VIEW:
-            raise ValueError(f"stored dtype must be {' or '.join(STORED_DTYPES)}, got {dtype}")
+        _check_dtype(dtype)
         if token_block < 1 or queue_size < 1:
             raise ValueError(f"token_block {token_block} and queue_size {queue_size} must be >= 1")
         if compression not in COMPRESSIONS:
@@ -434,8 +438,7 @@ class SummaryWriter:
         self.path = Path(path)
         if not self.path.name.endswith(SUMMARY_SUFFIX):
             raise ValueError(f"{self.path}: shard summary paths end in {SUMMARY_SUFFIX}")
-        if dtype not in _DISK_VIEW:
-            raise ValueError(f"stored dtype must be {' or '.join(STORED_DTYPES)}, got {dtype}")
+        _check_dtype(dtype)
         self.dtype = dtype
         self.tokens = corpus.tokens
         self.stats = StoreStats()
@@ -458,6 +461,8 @@ class SummaryWriter:
         key, _ = self._keys.add(layer, component, batch)
         summary = summarize(stored_values(batch, self.dtype))
         self.stats.add(*key, summary)
+        if summary.patterns is None:  # float32: too many magnitudes to count each
+            return
         if key in self.patterns:
             self.patterns[key] += summary.patterns
         else:
@@ -477,7 +482,7 @@ class ShardSummary:
     path: Path
     metadata: dict[str, Any]
     stats: StoreStats
-    patterns: dict[Key, np.ndarray]  # int64 [32768] per key: values per magnitude bit pattern
+    patterns: dict[Key, np.ndarray]  # int64 [32768] per key: values per magnitude bit pattern (16-bit dtypes)
 
     @property
     def tokens(self) -> int:
@@ -492,7 +497,7 @@ class ShardSummary:
         return CorpusSlice(**self.metadata["corpus"])
 
     def keys(self) -> list[Key]:
-        return sorted(self.patterns)
+        return list(self.stats)
 
 
 def open_summary(path: str | os.PathLike) -> ShardSummary:
@@ -507,14 +512,17 @@ def open_summary(path: str | os.PathLike) -> ShardSummary:
                 raise StoreError(f"{path} is not a storeless shard summary (no {_SUMMARY_ATTR} entry)")
             metadata = json.loads(header[_SUMMARY_ATTR])
             keys = [check_key(*key) for key in json.loads(header["keys"])]
-            patterns = {key: file.get_tensor(f"{array_name(*key)}/{_PATTERNS_PART}") for key in keys}
+            names = set(file.keys())
+            patterns = {key: file.get_tensor(name) for key in keys
+                        if (name := f"{array_name(*key)}/{_PATTERNS_PART}") in names}
     except SafetensorError as exc:
         raise StoreError(f"{path}: damaged shard summary: {exc}") from exc
     if metadata.get("format") != SUMMARY_FORMAT:
         raise StoreError(f"{path}: format {metadata.get('format')!r}, expected {SUMMARY_FORMAT!r}")
     counted = {key: int(counts.sum()) for key, counts in patterns.items()}
     stats = StoreStats.load(path)
-    wrong = [key for key in keys if counted[key] != metadata["tokens"] * stats[key].channels]
+    wrong = [key for key in keys if stats[key].count != metadata["tokens"] * stats[key].channels
+             or counted.get(key, stats[key].count) != stats[key].count]
     if wrong:
         raise StoreError(f"{path}: keys {wrong} do not count {metadata['tokens']} tokens (damaged summary)")
     return ShardSummary(path, metadata, stats, patterns)

@@ -51,11 +51,12 @@ def components(net: torch.nn.Module) -> list[str]:
 
 
 def collect_both(directory: Path, family: str, dtype: str, shards: int, tokens: int):
-    """The same collection twice: zarr stores, and shard summaries without stores."""
+    """The same collection twice: HDF5 stores (quicker to open than zarr at this size), and shard
+    summaries without stores."""
     net, ids = model(family), corpus(tokens)
     stores, summaries = [], []
     for part in shard_slices(len(ids), shards, SEQ):
-        for paths, name in ((stores, f"shard-{part.shard_index}.zarr"),
+        for paths, name in ((stores, f"shard-{part.shard_index}.h5"),
                             (summaries, f"shard-{part.shard_index}.stats.safetensors")):
             paths.append(directory / name)
             collect_shard(net, ids, part, paths[-1], components(net), SEQ, BATCH, dtype, {}, "tiny", BOS)
@@ -88,32 +89,36 @@ def check_every_method(directory: Path, family: str, dtype: str, shards: int, to
 @pytest.mark.parametrize("family, dtype, shards", [
     ("llama", "float16", 1),
     ("phi3", "bfloat16", 3),
-    ("opt", "float16", 2),
+    ("opt", "float32", 2),
 ])
 def test_storeless_thresholds_equal_stored_ones_bit_for_bit(tmp_path, family, dtype, shards) -> None:
     forwards = check_every_method(tmp_path, family, dtype, shards, tokens=SEQ * 7)
-    # per-layer methods come from the shard summaries alone; CHESS's importance needs its passes
-    assert forwards["layer"] == forwards["cats"] == forwards["teal"] == 0
+    # 16-bit per-layer methods come from the shard summaries alone; the rest take two passes
+    per_layer = 0 if dtype != "float32" else 2
+    assert forwards["layer"] == forwards["cats"] == forwards["teal"] == per_layer
     assert forwards["chess"] == forwards["chess+"] == 2
     assert forwards["chess-per-sample"] == 1
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shards", [1, 3])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_storeless_equals_stored_for_every_family_dtype_and_shard_count(tmp_path, family, dtype, shards) -> None:
     check_every_method(tmp_path, family, dtype, shards, tokens=SEQ * 7)
 
 
-def test_the_grid_needs_more_pass_2_sweeps_only_when_its_counts_do_not_fit(tmp_path, monkeypatch) -> None:
-    """With a tiny pass-2 budget every key gets its own pass 2: still identical, one forward per key."""
-    from actsparse import methods
-
-    net, ids, stores, summaries = collect_both(tmp_path, "llama", "float16", 2, SEQ * 4)
-    monkeypatch.setattr(methods, "_PASS2_BYTES", 1)
+def test_pass_2_takes_a_forward_per_group_of_keys_whose_counts_fit(tmp_path, monkeypatch) -> None:
+    """The grid fits in one pass 2 by default; with a tiny pass-2 budget every key gets its own
+    pass 2: still identical, one forward per key."""
+    net, ids, stores, summaries = collect_both(tmp_path, "llama", "float16", 2, SEQ * 2)
+    stored = fit("chess", stores, GRID, {})
     source = ForwardSource(net, ids, summaries, SEQ, BATCH, BOS)
-    assert_bitwise_equal(fit("chess", stores, GRID, {}), fit("chess", source, GRID, {}))
+    assert_bitwise_equal(stored, fit("chess", source, GRID, {}))
+    assert source.forwards == 2
+    monkeypatch.setattr(ForwardSource, "pass2_bytes", 1)
+    source = ForwardSource(net, ids, summaries, SEQ, BATCH, BOS)
+    assert_bitwise_equal(stored, fit("chess", source, GRID, {}))
     assert source.forwards == 1 + net.config.num_hidden_layers
 
 
