@@ -162,3 +162,19 @@ def test_an_interrupted_shard_leaves_no_summary_and_a_foreign_file_is_refused(tm
     collect_shard(net, ids, part, store, ["act"], SEQ, BATCH, "float16", {}, "tiny", BOS)
     with pytest.raises(StoreError, match="not a storeless shard summary"):
         ForwardSource(net, ids, [stats_path(store)], SEQ, BATCH, BOS)
+
+
+def test_counting_on_the_values_device_gives_the_same_thresholds(tmp_path, monkeypatch) -> None:
+    """The PyTorch counting a GPU uses (run here on CPU tensors) equals numpy's, so a storeless fit
+    on a GPU returns the stored fit's thresholds."""
+    from actsparse import quantiles
+
+    net, ids, stores, summaries = collect_both(tmp_path, "gemma", "bfloat16", 2, SEQ * 4)
+    expected = {name: fit(method_of(name), stores, LEVELS, METHODS[name]) for name in ("chess", "chess+")}
+    monkeypatch.setattr(quantiles, "_on_device", lambda chunk: isinstance(chunk, torch.Tensor))
+    for name, stored in expected.items():
+        assert_bitwise_equal(stored, fit(method_of(name), ForwardSource(net, ids, summaries, SEQ, BATCH, BOS),
+                                         LEVELS, METHODS[name]))
+    values = torch.tensor([1.0, float("nan")])
+    with pytest.raises(ValueError, match="NaN"):
+        quantiles.QuantileSketch([0.5]).add_pass1(values)
