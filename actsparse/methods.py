@@ -1,4 +1,4 @@
-"""Threshold fitting for the sparsification methods, from calibration activation stores.
+"""Threshold fitting for the sparsification methods, from calibration activations.
 
 A method turns calibration data (the complete shard stores of one collection and their merged
 statistics) into one threshold per (layer, component) for every requested sparsity ``s``: a
@@ -33,14 +33,17 @@ Quantile modes (chess and chess+): ``exact`` takes one quantile over all calibra
 consecutive blocks of ``seq_len`` tokens of each shard (a shard's last block may be shorter),
 averaged with equal weight. ``quantile_mode_difference`` compares the two.
 
-Streaming: exact quantiles come from ``QuantileSketch`` in two passes that read every needed
-array of every store once each, all sparsity levels answered by the same two passes. Pass 1
-sweeps all keys of one store, then the next store. Pass 2 needs 512 KiB per distinct 16-bit
-bucket holding a needed rank, about one per level and key (5 MiB a key for 9 levels, 50 MiB
-for the 100-level ``GRID``), so it sweeps the stores once per group of keys whose counts fit
-``_PASS2_BYTES``: one group for a few levels, several for the grid, with no array read twice.
-Memory does not grow with the calibration tokens: 512 KiB per key for pass 1, one group's
-pass-2 counts, and one read block of about ``_READ_VALUES`` values.
+Streaming: exact quantiles come from ``QuantileSketch`` in two passes over the calibration
+values, all sparsity levels answered by the same two passes. The values come from a
+``sources.BlockSource``: the shard stores, each needed array read once a pass, or live forward
+passes over the calibration shards (storeless), which give the same values bit for bit. Pass 2
+needs 512 KiB per distinct 16-bit bucket holding a needed rank, about one per level and key
+(5 MiB a key for 9 levels, 50 MiB for the 100-level ``GRID``), so it runs once per group of
+keys whose counts fit the source's budget (``_PASS2_BYTES`` for stores: several groups for the
+grid, with no array read twice; 4 GiB for forwards). A magnitude stream whose exact
+distribution the source already counted (16-bit values, storeless) needs no pass at all
+(``quantiles.histogram_quantiles``). Memory does not grow with the calibration tokens: 512 KiB
+per key for pass 1, one group's pass-2 counts, and one read block (one batch, for forwards).
 
 Threshold files: safetensors, one float64 tensor ``layers.{i}.{component}`` per key (0-d or a
 per-channel vector; float64 is numpy.percentile's result, kept unrounded) and, in the header,
