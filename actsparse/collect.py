@@ -1,4 +1,5 @@
-"""Run a model over calibration text and write its activations into one store per shard.
+"""Run a model over calibration text and write its activations into one store per shard, or,
+storeless, only the shard's summary (``store.SummaryWriter``: statistics and magnitude counts).
 
 Sequences: a shard's text tokens are cut into sequences of ``seq_len`` tokens, and every model
 input is ``[BOS] + sequence`` (the convention of ``perplexity``: every input starts as the models
@@ -13,7 +14,11 @@ about two batches of activations: the one queued and the one the forward pass is
 
 Reruns: a store is written under ``<path>.partial`` and renamed only when complete, so an
 interrupted collection leaves no store at ``path``; the next call deletes the partial one and
-starts over. A call on an existing complete store replaces it (atomically, on success).
+starts over. A call on an existing complete store replaces it (atomically, on success). A
+summary is written atomically when complete, and an earlier one at its path deleted first.
+
+The forward passes themselves (``shard_forwards``) are shared with the storeless fit, which
+reruns them to read the same values again.
 """
 
 from __future__ import annotations
