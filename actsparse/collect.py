@@ -1,4 +1,5 @@
-"""Run a model over calibration text and write its activations into one store per shard.
+"""Run a model over calibration text and write its activations into one store per shard, or,
+storeless, only the shard's summary (``store.SummaryWriter``: statistics and magnitude counts).
 
 Sequences: a shard's text tokens are cut into sequences of ``seq_len`` tokens, and every model
 input is ``[BOS] + sequence`` (the convention of ``perplexity``: every input starts as the models
@@ -13,14 +14,19 @@ about two batches of activations: the one queued and the one the forward pass is
 
 Reruns: a store is written under ``<path>.partial`` and renamed only when complete, so an
 interrupted collection leaves no store at ``path``; the next call deletes the partial one and
-starts over. A call on an existing complete store replaces it (atomically, on success).
+starts over. A call on an existing complete store replaces it (atomically, on success). A
+summary is written atomically when complete, and an earlier one at its path deleted first.
+
+The forward passes themselves (``shard_forwards``) are shared with the storeless fit, which
+reruns them to read the same values again.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -29,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from actsparse.hooks import capture
-from actsparse.store import STORED_DTYPES, CorpusSlice, StoreWriter
+from actsparse.store import STORED_DTYPES, SUMMARY_SUFFIX, CorpusSlice, StoreWriter, SummaryWriter
 
 
 def shard_slices(n_tokens: int, shards: int, seq_len: int, corpus: str = "calibration") -> list[CorpusSlice]:
@@ -93,6 +99,51 @@ def _one_zarr_worker_beside(device: torch.device) -> None:
         zarr.config.set({"threading.max_workers": 1})
 
 
+@contextmanager
+def shard_forwards(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    corpus_slice: CorpusSlice,
+    components: Iterable[str],
+    seq_len: int,
+    batch_size: int,
+    bos_id: int,
+    sink: Callable[[int, str, torch.Tensor], None],
+    layers: Iterable[int] | None = None,
+    desc: str | None = None,
+) -> Iterator[Iterator[None]]:
+    """Forward passes over one shard: inside the block, each step of the iterator it gives runs
+    one batch, handing ``sink(layer, component, value)`` every captured value without its BOS
+    position (``[sequences, seq_len, channels]``, sequences in corpus order).
+
+    Collection and the storeless fit both run through here, so they see the same batches, hence
+    the same values bit for bit. The inputs and the hooks are checked on entering, before the
+    caller makes any file. ``desc`` shows a progress bar.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len + 1 > limit:
+        raise ValueError(f"seq_len {seq_len} + BOS exceeds the model's {limit} positions")
+    sequences = _sequences(tokens, corpus_slice, seq_len)
+    device = next(model.parameters()).device
+
+    def without_bos(layer: int, component: str, value: torch.Tensor) -> None:
+        sink(layer, component, value[:, 1:])
+
+    def run() -> Iterator[None]:
+        batches = _batches(sequences, bos_id, batch_size, device)
+        total = math.ceil(len(sequences) / batch_size)
+        for batch in tqdm(batches, total=total, desc=desc, disable=desc is None):
+            with torch.inference_mode():
+                # the logits are not needed: the base model skips the vocabulary-sized LM head
+                model.base_model(input_ids=batch, use_cache=False)
+            yield
+
+    with capture(model, components, without_bos, layers):
+        yield run()
+
+
 def collect_shard(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -111,35 +162,32 @@ def collect_shard(
     """Write every layer's ``components`` over the shard's tokens into the store ``out_path``.
 
     ``tokens`` is the whole corpus (1-D token ids); ``corpus_slice`` picks the shard. ``dtype``
-    is the stored dtype (float16 or bfloat16, also by name). ``bos_id`` starts every sequence
-    (``models.bos_id``, the one place that decides it). The path's suffix picks the backend
-    (``.zarr`` or ``.h5``); ``compression`` its
-    codec (``store.COMPRESSIONS``).
+    is the stored dtype (float16, bfloat16 or float32, also by name). ``bos_id`` starts every
+    sequence (``models.bos_id``, the one place that decides it). The path's suffix picks the
+    backend (``.zarr`` or ``.h5``), and a path ending in ``.stats.safetensors`` writes no
+    activations, only the shard's summary (``sources.SummaryWriter``: the storeless mode);
+    ``compression`` is a store's codec (``store.COMPRESSIONS``).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seq_len + 1 > limit:
-        raise ValueError(f"seq_len {seq_len} + BOS exceeds the model's {limit} positions")
-    sequences = _sequences(tokens, corpus_slice, seq_len)
     components = tuple(components)
     stored_dtype = _stored_dtype(dtype)
     device = next(model.parameters()).device
-    batches = _batches(sequences, bos_id, batch_size, device)
-    _one_zarr_worker_beside(device)
+    writer_args = dict(model=model_name, corpus=corpus_slice, dtype=stored_dtype, provenance=provenance)
 
-    def store(layer: int, component: str, value: torch.Tensor) -> None:
-        writer.append(layer, component, value[:, 1:])  # drop the BOS position
+    def open_writer() -> StoreWriter | SummaryWriter:
+        if str(out_path).endswith(SUMMARY_SUFFIX):
+            return SummaryWriter(out_path, **writer_args)
+        _one_zarr_worker_beside(device)
+        return StoreWriter(
+            out_path, **writer_args,
+            token_block=seq_len,  # appends are whole sequences, so they never share a chunk
+            queue_size=model.config.num_hidden_layers * len(components),  # one batch's worth
+            overwrite=True, compression=compression,
+        )
 
-    # The hooks go on first: they refuse unknown components before any file exists. Their sink
-    # finds the writer by the time a forward pass runs.
-    with capture(model, components, store), StoreWriter(
-        out_path, model=model_name, corpus=corpus_slice, dtype=stored_dtype, provenance=provenance,
-        token_block=seq_len,  # appends are whole sequences, so they never share a chunk
-        queue_size=model.config.num_hidden_layers * len(components),  # one batch's worth
-        overwrite=True, compression=compression,
-    ) as writer, torch.inference_mode():
-        total = math.ceil(len(sequences) / batch_size)
-        for batch in tqdm(batches, total=total, desc=f"collect {model_name}", disable=not progress):
-            # the logits are not needed: the base model skips the vocabulary-sized LM head
-            model.base_model(input_ids=batch, use_cache=False)
+    # The sink finds the writer by the time a forward pass runs.
+    with shard_forwards(model, tokens, corpus_slice, components, seq_len, batch_size, bos_id,
+                        lambda *value: writer.append(*value),
+                        desc=f"collect {model_name}" if progress else None) as forwards, \
+            open_writer() as writer:
+        for _ in forwards:
+            pass

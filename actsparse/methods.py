@@ -1,4 +1,4 @@
-"""Threshold fitting for the sparsification methods, from calibration activation stores.
+"""Threshold fitting for the sparsification methods, from calibration activations.
 
 A method turns calibration data (the complete shard stores of one collection and their merged
 statistics) into one threshold per (layer, component) for every requested sparsity ``s``: a
@@ -46,14 +46,17 @@ Quantile modes (chess and chess+): ``exact`` takes one quantile over all calibra
 consecutive blocks of ``seq_len`` tokens of each shard (a shard's last block may be shorter),
 averaged with equal weight. ``quantile_mode_difference`` compares the two.
 
-Streaming: exact quantiles come from ``QuantileSketch`` in two passes that read every needed
-array of every store once each, all sparsity levels answered by the same two passes. Pass 1
-sweeps all keys of one store, then the next store. Pass 2 needs 512 KiB per distinct 16-bit
-bucket holding a needed rank, about one per level and key (5 MiB a key for 9 levels, 50 MiB
-for the 100-level ``GRID``), so it sweeps the stores once per group of keys whose counts fit
-``_PASS2_BYTES``: one group for a few levels, several for the grid, with no array read twice.
-Memory does not grow with the calibration tokens: 512 KiB per key for pass 1, one group's
-pass-2 counts, and one read block of about ``_READ_VALUES`` values.
+Streaming: exact quantiles come from ``QuantileSketch`` in two passes over the calibration
+values, all sparsity levels answered by the same two passes. The values come from a
+``sources.BlockSource``: the shard stores, each needed array read once a pass, or live forward
+passes over the calibration shards (storeless), which give the same values bit for bit. Pass 2
+needs 512 KiB per distinct 16-bit bucket holding a needed rank, about one per level and key
+(5 MiB a key for 9 levels, 50 MiB for the 100-level ``GRID``), so it runs once per group of
+keys whose counts fit the source's budget (``_PASS2_BYTES`` for stores: several groups for the
+grid, with no array read twice; 4 GiB for forwards). A magnitude stream whose exact
+distribution the source already counted (16-bit values, storeless) needs no pass at all
+(``quantiles.histogram_quantiles``). Memory does not grow with the calibration tokens: 512 KiB
+per key for pass 1, one group's pass-2 counts, and one read block (one batch, for forwards).
 
 Threshold files: safetensors, one float64 tensor ``layers.{i}.{component}`` per key (0-d or a
 per-channel vector; float64 is numpy.percentile's result, kept unrounded) and, in the header,
@@ -90,9 +93,9 @@ from actsparse.registry import (  # noqa: F401 (re-exported: the registry is par
     requirements,
 )
 from actsparse.provenance import write_safetensors
-from actsparse.quantiles import QuantileSketch
-from actsparse.stats import Key, StoreStats, check_key
-from actsparse.store import ActivationStore, open_store
+from actsparse.quantiles import QuantileSketch, histogram_quantiles
+from actsparse.sources import BlockSource, StoreSource
+from actsparse.stats import Key, check_key
 
 Thresholds = dict[Key, torch.Tensor]
 Transform = Callable[[torch.Tensor], torch.Tensor]  # stored chunk -> float32 values to rank
@@ -107,7 +110,6 @@ QUANTILE_DEFINITION = (
     "numpy.percentile(values, 100 * s), method 'linear' (Hyndman-Fan type 7), on float32 values "
     "converted from the stored dtype"
 )
-_READ_VALUES = 1 << 20  # values per read: large enough to amortise per-call costs
 _BUCKET_BYTES = 8 << 16  # pass-2 counts of one needed bucket of a QuantileSketch
 _PASS2_BYTES = 1 << 29  # pass-2 counts held at once; past it, pass 2 sweeps the keys in groups
 _NAME = re.compile(r"layers\.(\d+)\.(\w+)")
@@ -122,21 +124,13 @@ class ThresholdFileError(ValueError):
 
 
 class Calibration:
-    """Complete shard stores of one collection, opened for reading, and their merged statistics."""
+    """One collection's calibration values, as a ``sources.BlockSource`` (complete shard stores,
+    given by their paths, or live forward passes), and their merged statistics."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
-        if isinstance(paths, (str, os.PathLike)) or not paths:
-            raise ValueError(f"store_paths must be a non-empty list of store paths, got {paths!r}")
-        self.stores: list[ActivationStore] = []
-        try:
-            for path in paths:
-                self.stores.append(open_store(path))
-            self.stats = StoreStats()
-            for store in self.stores:
-                self.stats.merge(store.stats())
-        except BaseException:
-            self.close()
-            raise
+    def __init__(self, source: BlockSource | Sequence[str | os.PathLike]) -> None:
+        """A source given is closed with this (a store source's files; a forward source has none)."""
+        self.source: BlockSource = source if hasattr(source, "blocks") else StoreSource(source)
+        self.stats = self.source.stats
 
     def __enter__(self) -> Calibration:
         return self
@@ -145,31 +139,35 @@ class Calibration:
         self.close()
 
     def close(self) -> None:
-        for store in self.stores:
-            store.close()
+        self.source.close()
 
     @property
     def tokens(self) -> int:
-        return sum(store.tokens for store in self.stores)
+        return self.source.tokens
+
+    def components(self) -> set[str]:
+        """Every component some shard holds."""
+        return {c for _, keys in self.source.shard_keys() for _, c in keys}
 
     def keys(self, components: Iterable[str], method: str) -> list[Key]:
-        """Every (layer, component) of the given components, checked to be in every store."""
+        """Every (layer, component) of the given components, checked to be in every shard."""
         return [(layer, c) for c in components for layer in self.layers(c, method)]
 
     def layers(self, component: str, method: str) -> list[int]:
-        per_store = [[layer for layer, c in store.keys() if c == component] for store in self.stores]
-        lacking = [str(store.path) for store, layers in zip(self.stores, per_store) if not layers]
+        shards = self.source.shard_keys()
+        per_shard = [[layer for layer, c in keys if c == component] for _, keys in shards]
+        lacking = [name for (name, _), layers in zip(shards, per_shard) if not layers]
         if lacking:
-            held = sorted({c for store in self.stores for _, c in store.keys()})
             raise MissingComponentError(
                 f"method {method!r} needs component {component!r}, which the stores {lacking} lack "
-                f"(they hold {held}); collect it (see requirements())"
+                f"(they hold {sorted(self.components())}); collect it (see requirements())"
             )
-        if any(layers != per_store[0] for layers in per_store):
-            raise ValueError(f"the stores hold {component!r} for different layers: {per_store}")
-        return per_store[0]
+        if any(layers != per_shard[0] for layers in per_shard):
+            raise ValueError(f"the stores hold {component!r} for different layers: {per_shard}")
+        return per_shard[0]
 
 
+Calibrations = BlockSource | Sequence[str | os.PathLike]  # what Calibration reads
 FitFn = Callable[[Calibration, np.ndarray, Options], dict[Key, np.ndarray]]
 
 
@@ -179,37 +177,29 @@ def _magnitude(chunk: torch.Tensor) -> torch.Tensor:
 
 def _importance(scale: torch.Tensor) -> Transform:
     """CHESS's |a| * m_c, computed chunk by chunk in float32."""
-    return lambda chunk: _magnitude(chunk).mul_(scale)
-
-
-def _read_rows(store: ActivationStore, key: Key) -> int:
-    """Whole stored chunks adding up to about ``_READ_VALUES`` values, so no chunk is read twice."""
-    block = store.metadata["token_block"]
-    return block * max(1, _READ_VALUES // (block * store.shape(*key)[1]))
+    return lambda chunk: _magnitude(chunk).mul_(scale.to(chunk.device))
 
 
 def _sweep(
-    stores: Sequence[ActivationStore], streams: Mapping[Key, Transform], rows: int | None = None
-) -> Iterator[tuple[ActivationStore, Key, torch.Tensor]]:
-    """Every stream's values, reading each array once, store after store."""
-    for store in stores:
-        for key, transform in streams.items():
-            for chunk in store.iter_chunks(*key, rows=rows or _read_rows(store, key)):
-                yield store, key, transform(chunk)
+    source: BlockSource, streams: Mapping[Key, Transform], rows: int | None = None
+) -> Iterator[tuple[str, Key, torch.Tensor]]:
+    """One pass of the source: every stream's values once."""
+    for shard, key, chunk in source.blocks(list(streams), rows):
+        yield shard, key, streams[key](chunk)
 
 
-def _nan_error(store: ActivationStore, key: Key) -> ValueError:
-    return ValueError(f"{store.path}: layer {key[0]} {key[1]!r} holds NaN values")
+def _nan_error(shard: str, key: Key) -> ValueError:
+    return ValueError(f"{shard}: layer {key[0]} {key[1]!r} holds NaN values")
 
 
-def _pass2_groups(sketches: dict[Key, QuantileSketch]) -> Iterator[list[Key]]:
-    """Keys in groups whose pass-2 counts fit ``_PASS2_BYTES`` (one key at least), each group
+def _pass2_groups(sketches: dict[Key, QuantileSketch], budget: int) -> Iterator[list[Key]]:
+    """Keys in groups whose pass-2 counts fit ``budget`` bytes (one key at least), each group
     formed only when the previous one is done, so one group's counts (and one key's) exist at once."""
     group: list[Key] = []
     size = 0
     for key in list(sketches):  # keys only: the caller drops each finished group's sketches
         need = len(sketches[key].needed_buckets) * _BUCKET_BYTES  # sets up this key's pass 2
-        if group and size + need > _PASS2_BYTES:
+        if group and size + need > budget:
             yield group
             group, size = [], 0
         group.append(key)
@@ -217,18 +207,34 @@ def _pass2_groups(sketches: dict[Key, QuantileSketch]) -> Iterator[list[Key]]:
     yield group
 
 
-def _exact_quantiles(
-    stores: Sequence[ActivationStore], streams: Mapping[Key, Transform], qs: np.ndarray
+def _counted_quantiles(
+    source: BlockSource, streams: Mapping[Key, Transform], qs: np.ndarray
 ) -> dict[Key, np.ndarray]:
+    """The quantiles of the magnitude streams whose exact distribution the source knows
+    without a pass (16-bit values counted by the shard jobs): the sketch's results bit for bit."""
+    counted = {}
+    for key, transform in streams.items():
+        if transform is _magnitude and (counts := source.magnitude_counts(key)) is not None:
+            counted[key] = histogram_quantiles(*counts, qs)
+    return counted
+
+
+def _exact_quantiles(
+    source: BlockSource, streams: Mapping[Key, Transform], qs: np.ndarray
+) -> dict[Key, np.ndarray]:
+    results = _counted_quantiles(source, streams, qs)
+    streams = {key: transform for key, transform in streams.items() if key not in results}
+    if not streams:
+        return results
     sketches = {key: QuantileSketch(qs) for key in streams}
-    for store, key, values in _sweep(stores, streams):
+    for shard, key, values in _sweep(source, streams):
         try:
             sketches[key].add_pass1(values)  # refuses NaN
         except ValueError as exc:
-            raise _nan_error(store, key) from exc
-    results = {}
-    for group in _pass2_groups(sketches):
-        for _, key, values in _sweep(stores, {key: streams[key] for key in group}):
+            raise _nan_error(shard, key) from exc
+    # a source whose passes cost a forward each holds more counts at once (sources.ForwardSource)
+    for group in _pass2_groups(sketches, getattr(source, "pass2_bytes", _PASS2_BYTES)):
+        for _, key, values in _sweep(source, {key: streams[key] for key in group}):
             sketches[key].add_pass2(values)
         results |= {key: sketches[key].result() for key in group}
         for key in group:
@@ -237,13 +243,13 @@ def _exact_quantiles(
 
 
 def _per_sample_quantiles(
-    stores: Sequence[ActivationStore], streams: Mapping[Key, Transform], qs: np.ndarray, seq_len: int
+    source: BlockSource, streams: Mapping[Key, Transform], qs: np.ndarray, seq_len: int
 ) -> dict[Key, np.ndarray]:
     per_sample: dict[Key, list[np.ndarray]] = defaultdict(list)
-    for store, key, values in _sweep(stores, streams, rows=seq_len):
-        quantiles = np.percentile(values.numpy(), 100 * qs)
+    for shard, key, values in _sweep(source, streams, rows=seq_len):
+        quantiles = np.percentile(values.cpu().numpy(), 100 * qs)
         if np.isnan(quantiles).any():
-            raise _nan_error(store, key)
+            raise _nan_error(shard, key)
         per_sample[key].append(quantiles)
     return {key: np.mean(quantiles, axis=0) for key, quantiles in per_sample.items()}
 
@@ -252,8 +258,8 @@ def _quantiles(
     calib: Calibration, streams: Mapping[Key, Transform], qs: np.ndarray, opts: Options
 ) -> dict[Key, np.ndarray]:
     if opts.quantile_mode == "per_sample":
-        return _per_sample_quantiles(calib.stores, streams, qs, opts.seq_len)
-    return _exact_quantiles(calib.stores, streams, qs)
+        return _per_sample_quantiles(calib.source, streams, qs, opts.seq_len)
+    return _exact_quantiles(calib.source, streams, qs)
 
 
 def _fit_magnitudes(calib: Calibration, qs: np.ndarray, opts: Options) -> dict[Key, np.ndarray]:
@@ -265,7 +271,7 @@ def _chess_scales(calib: Calibration, opts: Options) -> dict[int, torch.Tensor]:
     """m_c per layer, float32 as it multiplies |a|; all ones for a non-gated FFN."""
     layers = calib.layers("act", opts.method)
     if not opts.gated:
-        if any(c == "up" for store in calib.stores for _, c in store.keys()):
+        if "up" in calib.components():
             raise ValueError("the stores hold 'up', so the model is gated: fit with gated=True")
         return {layer: torch.ones(calib.stats[layer, "act"].channels) for layer in layers}
     missing = sorted(set(layers) - set(calib.layers("up", opts.method)))
@@ -346,14 +352,15 @@ def _levels(sparsities: Iterable[float]) -> np.ndarray:
 
 def fit(
     method: str,
-    store_paths: Sequence[str | os.PathLike],
+    calibration: Calibrations,
     sparsities: Iterable[float],
     params: Mapping[str, Any] | None = None,
     *,
     gated: bool = True,
     column_norms: Mapping[Key, np.ndarray] | None = None,
 ) -> dict[float, Thresholds]:
-    """Thresholds of every (layer, masked component) for each sparsity, from two passes over the stores.
+    """Thresholds of every (layer, masked component) for each sparsity, from the same passes over
+    the calibration: the paths of its complete shard stores, or a ``sources.BlockSource``.
 
     ``gated`` says whether the model's FFN is gated (``Anatomy.gated``); see the module doc for
     what each method means without ``up``. ``column_norms``: for methods that ``needs_weights``,
@@ -363,7 +370,7 @@ def fit(
     if needs_weights(method) and column_norms is None:
         raise ValueError(f"method {method!r} needs column_norms (hooks.input_column_norms of the model)")
     levels = _levels(sparsities)
-    with Calibration(store_paths) as calib:
+    with Calibration(calibration) as calib:
         fitted = FITS[method_named(method).score](calib, levels, opts)
     for key, values in fitted.items():
         if np.isnan(values).any():
@@ -375,7 +382,7 @@ def fit(
 
 
 def quantile_mode_difference(
-    store_paths: Sequence[str | os.PathLike], sparsities: Iterable[float], seq_len: int, *, gated: bool = True
+    calibration: Calibrations, sparsities: Iterable[float], seq_len: int, *, gated: bool = True
 ) -> list[dict[str, float]]:
     """CHESS's per-layer score T in both quantile modes and ``|per_sample - exact| / exact``.
 
@@ -385,7 +392,7 @@ def quantile_mode_difference(
     exact = options("chess", None, gated)
     sampled = options("chess", {"quantile_mode": "per_sample", "seq_len": seq_len}, gated)
     levels = _levels(sparsities)
-    with Calibration(store_paths) as calib:
+    with Calibration(calibration) as calib:
         streams, _ = _chess_streams(calib, exact)
         by_exact = _quantiles(calib, streams, levels, exact)
         by_sample = _quantiles(calib, streams, levels, sampled)
@@ -405,13 +412,13 @@ def quantile_mode_difference(
 def fit_metadata(
     method: str,
     sparsity: float,
-    store_paths: Sequence[str | os.PathLike],
+    calibration: Calibrations,
     params: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The header of one fitted thresholds file (pass to ``save_thresholds``)."""
     mode = options(method, params, gated=True).quantile_mode
-    with Calibration(store_paths) as calib:
+    with Calibration(calibration) as calib:
         tokens = calib.tokens
     return {
         "method": method,

@@ -65,6 +65,18 @@ def _float32_flat(chunk: Chunk) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
 
 
+def _on_device(chunk: Chunk) -> bool:
+    """Whether a chunk is counted by PyTorch ops where it lies (a GPU), so that only the counts,
+    KiB-sized, leave the device (a chunk on the CPU is counted by numpy)."""
+    return isinstance(chunk, torch.Tensor) and chunk.device.type != "cpu"
+
+
+def _device_halves(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 16 bits of each float32 bit pattern, as int64 tensors on the chunk's device."""
+    words = chunk.detach().to(torch.float32).reshape(-1).view(torch.int32).long()
+    return (words >> 16) & 0xFFFF, words & 0xFFFF
+
+
 def _halves(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """High and low 16 bits of each float32 bit pattern, as strided views (no copy)."""
     words = values.view(np.uint16)
@@ -109,6 +121,12 @@ class QuantileSketch:
         """Count a chunk's values by bucket; NaN is refused since it has no rank."""
         if self._pass2 is not None:
             raise RuntimeError("add_pass1 after pass 2 started")
+        if _on_device(chunk):
+            if chunk.isnan().any():
+                raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
+            high = _device_halves(chunk)[0]
+            self._counts += torch.bincount(high, minlength=_BUCKETS).cpu().numpy()
+            return
         values = _float32_flat(chunk)
         if np.isnan(values).any():
             raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
@@ -124,7 +142,11 @@ class QuantileSketch:
 
     def add_pass2(self, chunk: Chunk) -> None:
         """Count the low 16 bits of a chunk's values that fall in a needed bucket."""
-        self._start_pass2().add(_float32_flat(chunk))
+        pass2 = self._start_pass2()
+        if _on_device(chunk):
+            pass2.add_on_device(chunk)
+        else:
+            pass2.add(_float32_flat(chunk))
 
     def merge(self, other: QuantileSketch) -> None:
         """Add another sketch's counts (another shard of the same stream) into this one."""
@@ -178,6 +200,7 @@ class _Pass2:
         self._slot_of_bucket = np.zeros(_BUCKETS, np.min_scalar_type(len(self.buckets)))
         self._slot_of_bucket[self.buckets] = np.arange(1, len(self.buckets) + 1)
         self._low_counts = np.zeros((len(self.buckets), _BUCKETS), dtype=np.int64)
+        self._device_counts: torch.Tensor | None = None  # counts kept where the chunks lie
         self._total = 0
 
     def add(self, values: np.ndarray) -> None:
@@ -192,12 +215,33 @@ class _Pass2:
             flat += np.bincount(keys, minlength=flat.size)
         self._total += values.size
 
+    def add_on_device(self, chunk: torch.Tensor) -> None:
+        """``add`` with PyTorch ops on the chunk's device, the counts staying there until read."""
+        high, low = _device_halves(chunk)
+        if self._device_counts is None:
+            self._slot_table = torch.from_numpy(self._slot_of_bucket.astype(np.int64)).to(chunk.device)
+            self._device_counts = torch.zeros(self._low_counts.size, dtype=torch.int64, device=chunk.device)
+        slots = self._slot_table[high]
+        hits = slots > 0
+        keys = (slots[hits] - 1) << 16 | low[hits]
+        self._device_counts += torch.bincount(keys, minlength=self._device_counts.numel())
+        self._total += chunk.numel()
+
+    def _gather(self) -> None:
+        """Fold the device's counts into the host's."""
+        if self._device_counts is not None:
+            self._low_counts += self._device_counts.cpu().numpy().reshape(self._low_counts.shape)
+            self._device_counts = None
+
     def merge(self, other: _Pass2) -> None:
+        self._gather()
+        other._gather()
         self._low_counts += other._low_counts
         self._total += other._total
 
     def order_statistics(self, ranks: np.ndarray) -> np.ndarray:
         """float32 values of the given 0-based ranks (-1: the last), from both passes' counts."""
+        self._gather()
         self._check_complete()
         ranks = ranks % self.expected_total
         slots = self._positions.searchsorted(self._ends.searchsorted(ranks, side="right"))
@@ -222,6 +266,39 @@ class _Pass2:
                 f" pass 1 saw {self.expected_total} ({self._expected.tolist()}): feed the same"
                 " values to both passes"
             )
+
+
+def histogram_quantiles(values: np.ndarray, counts: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """What ``QuantileSketch(qs)`` returns for a stream holding ``values[i]`` ``counts[i]`` times,
+    from that histogram alone, so one pass over the data (which made it) is enough.
+
+    ``values``: distinct float32 values (a 16-bit float's magnitudes, say); those counted at
+    least once must be non-negative and not NaN.
+    Their order statistics are exact, and the interpolation is the sketch's own, so the result
+    equals the sketch's bit for bit.
+    """
+    values = np.asarray(values)
+    counts = np.asarray(counts, dtype=np.int64)
+    if values.dtype != np.float32 or values.shape != counts.shape or values.ndim != 1:
+        raise ValueError("values must be 1-D float32, counts int64 of the same shape")
+    held = counts > 0  # values counted 0 times (NaN patterns, say) play no part
+    values, counts = values[held], counts[held]
+    if np.isnan(values).any() or np.signbit(values).any():
+        raise ValueError("histogram values must be non-negative and not NaN")
+    order = np.argsort(values)
+    ordered, ends = values[order], np.cumsum(counts[order])
+    if len(np.unique(ordered)) != len(ordered):
+        raise ValueError("histogram values must be distinct")
+    sketch = QuantileSketch(qs)
+    if not len(ends):
+        raise ValueError("no values: quantiles of an empty input are undefined")
+    n = int(ends[-1])
+    v, lower, upper = sketch._indices(n)
+
+    def order_statistics(ranks: np.ndarray) -> np.ndarray:
+        return ordered[ends.searchsorted(ranks % n, side="right")]
+
+    return _lerp(order_statistics(lower), order_statistics(upper), v - lower)
 
 
 def exact_quantiles(chunks: Callable[[], Iterable[Chunk]], qs: Sequence[float]) -> np.ndarray:

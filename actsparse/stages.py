@@ -108,21 +108,43 @@ def stats_tables(weight_csvs: list[Path], stats_paths: list[Path], model_names: 
 
 
 def fit_thresholds(
-    store_paths: list[Path], model_dir: Path, method: str, params: dict, out_path: Path, provenance: dict
+    calibration: list[Path],
+    model_dir: Path,
+    method: str,
+    params: dict,
+    out_path: Path,
+    provenance: dict,
+    corpus_path: Path | None = None,
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
 ) -> None:
     """Thresholds of every representable sparsity (0.00 to 0.99) from the same passes over the
-    stores. The grid does not depend on the configured levels, so adding a level never reruns
-    this fit or anything downstream of the other levels."""
-    from actsparse import models
+    calibration. The grid does not depend on the configured levels, so adding a level never
+    reruns this fit or anything downstream of the other levels.
+
+    ``calibration``: the shard stores, or (storeless, ``corpus_path`` given) the shard summaries;
+    the passes then rerun the collection's forwards (its ``seq_len`` and ``batch_size``, the
+    model on ``device`` in ``dtype``) over the calibration corpus."""
+    from actsparse import models, sources
 
     gated = models.load_anatomy(model_dir).gated
     norms = None
-    if methods.needs_weights(method):
-        model, _ = models.load_model(model_dir, "cpu", "float32")
-        norms = hooks.input_column_norms(model, methods.requirements(method, params, gated=gated).masks)
-    fitted = methods.fit(method, store_paths, methods.GRID, params, gated=gated, column_norms=norms)
-    metadata = methods.fit_metadata(method, 0.0, store_paths, params, provenance)
+    if methods.needs_weights(method):  # from the float32 checkpoint, whatever dtype the forwards use
+        weights, _ = models.load_model(model_dir, "cpu", "float32")
+        norms = hooks.input_column_norms(weights, methods.requirements(method, params, gated=gated).masks)
+        del weights
+    source = calibration
+    if corpus_path is not None:
+        model, tokenizer = models.load_model(model_dir, device, dtype)
+        tokens = corpora.load_corpus(corpus_path)["input_ids"]
+        source = sources.ForwardSource(model, tokens, calibration, seq_len, batch_size, models.bos_id(tokenizer))
+    fitted = methods.fit(method, source, methods.GRID, params, gated=gated, column_norms=norms)
+    metadata = methods.fit_metadata(method, 0.0, source, params, provenance)
     methods.save_grid(out_path, fitted, metadata)
+    if corpus_path is not None:
+        log.info("storeless fit: %d forward passes over the calibration shards", source.forwards)
 
 
 def select_thresholds(grid_path: Path, sparsity: float, out_path: Path, allocation_path: Path | None = None) -> None:

@@ -52,7 +52,7 @@ import functools
 import json
 import numbers
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +73,7 @@ UNDERFLOW_BIN = 1
 OVERFLOW_BIN = len(EDGES) + 1
 NBINS = len(EDGES) + 2
 STATS_FORMAT = "actsparse.stats/1"
-STATS_DTYPES = (torch.float16, torch.bfloat16)
+STATS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUM_BLOCK_VALUES = 1 << 17  # values summed at a time: 1 MiB of float64, cache-resident
 _PATTERNS = 1 << 15  # bit patterns of a 16-bit float's magnitude
 _NAN_SLOT = NBINS  # where NaN magnitudes land in the lookup table, one past the real bins
@@ -110,13 +110,21 @@ class BatchSummary:
     """What one batch adds to a key's statistics, on the host: ``TensorStats.add`` folds it in."""
 
     dtype: torch.dtype
-    patterns: np.ndarray  # int64 [32768]: how many values have each magnitude bit pattern
+    patterns: np.ndarray | None  # int64 [32768]: values per magnitude bit pattern (16-bit dtypes)
     sum_abs: np.ndarray  # float64 [channels]
     sum_sq: np.ndarray  # float64 [channels]
+    bins: np.ndarray | None = None  # float32: int64 [NBINS + 1], the hist and then the NaN count
 
     @property
     def channels(self) -> int:
         return len(self.sum_abs)
+
+    def per_bin(self) -> np.ndarray:
+        """Counts per histogram bin, the NaN count last."""
+        if self.patterns is None:
+            return self.bins
+        # float weights count exactly up to 2**53 values per pattern
+        return np.bincount(_magnitude_bins(self.dtype), weights=self.patterns, minlength=NBINS + 1)
 
 
 _NATIVE_SOURCE = r"""
@@ -177,7 +185,9 @@ def summarize(batch: torch.Tensor, use_native: bool = True) -> BatchSummary:
     if batch.ndim != 2:
         raise ValueError(f"batch must be 2-D [tokens, channels], got shape {list(batch.shape)}")
     if batch.dtype not in STATS_DTYPES:
-        raise ValueError(f"stats take stored values (float16, bfloat16), got {batch.dtype}")
+        raise ValueError(f"stats take stored values (float16, bfloat16, float32), got {batch.dtype}")
+    if batch.dtype == torch.float32:
+        return _summarize_float32(batch.detach())
     if use_native and batch.device.type == "cpu" and native_library() is not None:
         return _summarize_native(batch.detach().contiguous())
     magnitudes = batch.detach().view(torch.int16) & 0x7FFF  # |x|: the sign bit cleared
@@ -189,6 +199,27 @@ def summarize(batch: torch.Tensor, use_native: bool = True) -> BatchSummary:
         sums[1] += values.square_().sum(0)
     sum_abs, sum_sq = sums.cpu().numpy()
     return BatchSummary(batch.dtype, patterns.cpu().numpy(), sum_abs, sum_sq)
+
+
+@functools.cache
+def _edges_on(device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(EDGES).to(device)
+
+
+def _summarize_float32(batch: torch.Tensor) -> BatchSummary:
+    """float32 values have too many magnitudes to count each: their bins come from comparing
+    with the edges in float64, block by block like the sums (PyTorch ops, on the batch's device)."""
+    counts = torch.zeros(NBINS + 1, dtype=torch.int64, device=batch.device)
+    sums = torch.zeros(2, batch.shape[1], dtype=torch.float64, device=batch.device)
+    for block in batch.split(max(1, SUM_BLOCK_VALUES // max(1, batch.shape[1]))):
+        values = block.abs().double().contiguous()  # bucketize wants contiguous values
+        bins = 1 + torch.bucketize(values, _edges_on(batch.device), right=True)
+        bins = bins.masked_fill_(values == 0, ZERO_BIN).masked_fill_(values.isnan(), _NAN_SLOT)
+        counts += torch.bincount(bins.reshape(-1), minlength=NBINS + 1)
+        sums[0] += values.sum(0)
+        sums[1] += values.square_().sum(0)
+    sum_abs, sum_sq = sums.cpu().numpy()
+    return BatchSummary(batch.dtype, None, sum_abs, sum_sq, counts.cpu().numpy())
 
 
 def _summarize_native(batch: torch.Tensor) -> BatchSummary:
@@ -260,9 +291,7 @@ class TensorStats:
         """Fold in a batch's summary; a refused one (NaN values, other channels) changes nothing."""
         if summary.channels != self.channels:
             raise ValueError(f"batch has {summary.channels} channels, earlier ones {self.channels}")
-        # float weights count exactly up to 2**53 values per pattern
-        per_bin = np.bincount(_magnitude_bins(summary.dtype), weights=summary.patterns,
-                              minlength=NBINS + 1)
+        per_bin = summary.per_bin()
         if per_bin[_NAN_SLOT]:
             raise ValueError(f"batch holds {int(per_bin[_NAN_SLOT])} NaN values")
         self.hist += per_bin[:NBINS].astype(np.int64)
@@ -355,15 +384,17 @@ class StoreStats:
             mine = self._stats.setdefault(key, TensorStats.empty(other[key].channels))
             mine.merge(other[key])
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write one safetensors file, atomically (a crash never leaves a half-written file)."""
+    def save(self, path: str | os.PathLike, extra: Mapping[str, np.ndarray] | None = None,
+             header: Mapping[str, str] | None = None) -> None:
+        """Write one safetensors file, atomically (a crash never leaves a half-written file);
+        ``extra`` arrays and ``header`` entries travel beside the statistics (``load`` skips them)."""
         path = Path(path)
-        arrays = {"edges": EDGES}
+        arrays = {"edges": EDGES, **(extra or {})}
         for key, stats in self._stats.items():
             name = array_name(*key)
             arrays |= {f"{name}/{part}": getattr(stats, part) for part in _PARTS}
-        header = {"format": STATS_FORMAT, "keys": json.dumps(sorted(self._stats))}
-        write_safetensors(path, save(arrays, metadata=header))
+        metadata = {**(header or {}), "format": STATS_FORMAT, "keys": json.dumps(sorted(self._stats))}
+        write_safetensors(path, save(arrays, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StoreStats:

@@ -76,16 +76,21 @@ import h5py
 import numpy as np
 import torch
 import zarr
+from safetensors import SafetensorError, safe_open
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from actsparse.stats import BatchSummary, Key, StoreStats, array_name, check_key, summarize
 
 STORE_FORMAT = "actsparse.activations/1"
-STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Each stored dtype as numpy can hold it on disk: bfloat16 travels as its uint16 bit patterns.
-_DISK_VIEW = {torch.float16: torch.float16, torch.bfloat16: torch.uint16}
+_DISK_VIEW = {torch.float16: torch.float16, torch.bfloat16: torch.uint16, torch.float32: torch.float32}
 _META_ATTR = "actsparse"
 _MARKER_ATTR = "actsparse_complete"
+SUMMARY_FORMAT = "actsparse.shard-summary/1"
+SUMMARY_SUFFIX = ".stats.safetensors"  # a storeless shard's file: statistics and magnitude counts
+_SUMMARY_ATTR = "actsparse_summary"
+_PATTERNS_PART = "magnitude_patterns"
 _STOP = object()  # tells the writer thread that no more batches come
 COMPRESSIONS = ("fast", "small", "none")
 
@@ -212,11 +217,65 @@ def _backend(path: Path) -> Backend:
         raise ValueError(f"{path}: store paths end in {' or '.join(_BACKENDS)}") from None
 
 
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _DISK_VIEW:
+        raise ValueError(f"stored dtype must be one of {', '.join(STORED_DTYPES)}, got {dtype}")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def stored_values(batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[..., channels]`` batch as ``[tokens, channels]`` values of the stored dtype, on its
+    device: the one cast every stored value, store statistic and storeless fit value goes
+    through, so all of them see the same bits. A copy even when the dtype already matches: the
+    model may reuse the tensor's memory."""
+    values = batch.detach().to(dtype, copy=True, memory_format=torch.contiguous_format)
+    return values.view(-1, batch.shape[-1])
+
+
+class _KeyRows:
+    """Tokens and channels appended per key, checked against the shard's token count."""
+
+    def __init__(self, path: Path, tokens: int) -> None:
+        self.path = path
+        self.tokens = tokens
+        self.rows: dict[Key, int] = {}  # tokens appended per key
+        self.channels: dict[Key, int] = {}  # channels per key, fixed by its first append
+
+    def add(self, layer: int, component: str, batch: torch.Tensor) -> tuple[Key, int]:
+        """Count a batch of one key: (the key, the offset its tokens start at). A bad batch is
+        refused here, on the caller's thread, where the error can name it."""
+        key = check_key(layer, component)
+        offset = self.rows.get(key, 0)
+        if batch.ndim < 2:
+            raise ValueError(f"batch must be [..., channels], got shape {list(batch.shape)}")
+        channels = self.channels.get(key, batch.shape[-1])
+        if batch.shape[-1] != channels:
+            raise ValueError(
+                f"layer {layer} {component}: batch has {batch.shape[-1]} channels, earlier ones "
+                f"{channels}"
+            )
+        tokens = math.prod(batch.shape[:-1])
+        if offset + tokens > self.tokens:
+            raise ValueError(
+                f"layer {layer} {component}: {offset} + {tokens} tokens exceed the shard's "
+                f"{self.tokens}"
+            )
+        self.channels[key] = channels
+        self.rows[key] = offset + tokens
+        return key, offset
+
+    def check_complete(self) -> None:
+        if not self.rows:
+            raise StoreError(f"{self.path}: no activations were appended")
+        short = [f"layer {k[0]} {k[1]}: {n}" for k, n in self.rows.items() if n != self.tokens]
+        if short:
+            raise StoreError(f"{self.path}: keys short of {self.tokens} tokens: {', '.join(short)}")
 
 
 class StoreWriter:
@@ -243,8 +302,7 @@ class StoreWriter:
     ) -> None:
         self.path = Path(path)
         self._backend = _backend(self.path)
-        if dtype not in _DISK_VIEW:
-            raise ValueError(f"stored dtype must be {' or '.join(STORED_DTYPES)}, got {dtype}")
+        _check_dtype(dtype)
         if token_block < 1 or queue_size < 1:
             raise ValueError(f"token_block {token_block} and queue_size {queue_size} must be >= 1")
         if compression not in COMPRESSIONS:
@@ -257,8 +315,7 @@ class StoreWriter:
         self.stats = StoreStats()  # updated by the writer thread; complete after close()
         self._compression = compression
         self._chunk_rows = min(token_block, self.tokens)
-        self._rows: dict[Key, int] = {}  # tokens queued per key
-        self._channels: dict[Key, int] = {}  # channels per key, fixed by its first append
+        self._keys = _KeyRows(self.path, self.tokens)
         self._arrays: dict[str, Any] = {}  # open arrays, touched by the writer thread only
         metadata = json.dumps({
             "format": STORE_FORMAT, "model": model, "corpus": asdict(corpus),
@@ -289,15 +346,9 @@ class StoreWriter:
     def append(self, layer: int, component: str, batch: torch.Tensor) -> None:
         """Queue the next tokens of one key; raises the background thread's error, if any."""
         self._check_open()
-        key = check_key(layer, component)
-        offset = self._rows.get(key, 0)
-        self._check_shape(key, offset, batch)
-        # A copy even when the dtype already matches: the model may reuse the tensor's memory.
-        values = batch.detach().to(self.dtype, copy=True, memory_format=torch.contiguous_format)
-        values = values.view(-1, batch.shape[-1])
+        key, offset = self._keys.add(layer, component, batch)
+        values = stored_values(batch, self.dtype)
         summary = None if values.device.type == "cpu" else summarize(values)
-        self._channels[key] = values.shape[1]
-        self._rows[key] = offset + len(values)
         self._queue.put(_Batch(key, offset, values.cpu(), summary))
 
     def close(self) -> None:
@@ -307,10 +358,10 @@ class StoreWriter:
         try:
             self._stop_thread()
             self._raise_thread_error()
-            self._check_counts()
+            self._keys.check_complete()
             arrays = [
                 {"layer": layer, "component": component, "shape": [self.tokens, channels]}
-                for (layer, component), channels in self._channels.items()
+                for (layer, component), channels in self._keys.channels.items()
             ]
             self._root.attrs[_MARKER_ATTR] = json.dumps({"tokens": self.tokens, "arrays": arrays})
         finally:
@@ -334,34 +385,9 @@ class StoreWriter:
             raise StoreError(f"the writer of {self.path} is closed")
         self._raise_thread_error()
 
-    def _check_shape(self, key: Key, offset: int, batch: torch.Tensor) -> None:
-        """Refuse a bad batch here, on the caller's thread, where the error can name it."""
-        layer, component = key
-        if batch.ndim < 2:
-            raise ValueError(f"batch must be [..., channels], got shape {list(batch.shape)}")
-        channels = self._channels.get(key, batch.shape[-1])
-        if batch.shape[-1] != channels:
-            raise ValueError(
-                f"layer {layer} {component}: batch has {batch.shape[-1]} channels, earlier ones "
-                f"{channels}"
-            )
-        tokens = math.prod(batch.shape[:-1])
-        if offset + tokens > self.tokens:
-            raise ValueError(
-                f"layer {layer} {component}: {offset} + {tokens} tokens exceed the shard's "
-                f"{self.tokens}"
-            )
-
     def _raise_thread_error(self) -> None:
         if self._error is not None:
             raise StoreError(f"writing {self._partial} failed: {self._error!r}") from self._error
-
-    def _check_counts(self) -> None:
-        if not self._rows:
-            raise StoreError(f"{self.path}: no activations were appended")
-        short = [f"layer {k[0]} {k[1]}: {n}" for k, n in self._rows.items() if n != self.tokens]
-        if short:
-            raise StoreError(f"{self.path}: keys short of {self.tokens} tokens: {', '.join(short)}")
 
     def _stop_thread(self) -> None:
         self._queue.put(_STOP)
@@ -390,6 +416,116 @@ class StoreWriter:
             array.attrs["dtype"] = _dtype_name(self.dtype)
             self._arrays[name] = array
         self._arrays[name][batch.offset : batch.offset + len(rows)] = rows
+
+
+class SummaryWriter:
+    """The storeless counterpart of ``StoreWriter``: one shard's statistics and, per key, the
+    count of every magnitude bit pattern of its stored values, in one ``.stats.safetensors``
+    file; no activations. Same ``append`` (a hook sink), same cast, same statistics bit for bit.
+
+    A 16-bit float has 32,768 magnitudes, so these counts are the exact distribution of
+    ``|x|``: every percentile of it, hence every per-layer threshold, follows from them without
+    another forward pass (``quantiles.histogram_quantiles``). They are summed on the values'
+    device (``stats.summarize``), so only the counts and per-channel sums leave a GPU.
+
+    Completion: the file is written once, atomically, by a successful ``close()`` and records
+    the token count; an existing file is deleted first, so an interrupted writer leaves no
+    summary at ``path`` (``open_summary`` refuses anything else).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, model: str, corpus: CorpusSlice,
+                 dtype: torch.dtype = torch.float16, provenance: Mapping[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.name.endswith(SUMMARY_SUFFIX):
+            raise ValueError(f"{self.path}: shard summary paths end in {SUMMARY_SUFFIX}")
+        _check_dtype(dtype)
+        self.dtype = dtype
+        self.tokens = corpus.tokens
+        self.stats = StoreStats()
+        self.patterns: dict[Key, np.ndarray] = {}
+        self._keys = _KeyRows(self.path, self.tokens)
+        self._metadata = {
+            "format": SUMMARY_FORMAT, "model": model, "corpus": asdict(corpus), "dtype": _dtype_name(dtype),
+            "tokens": self.tokens, "provenance": dict(provenance or {}),
+        }
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SummaryWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+
+    def append(self, layer: int, component: str, batch: torch.Tensor) -> None:
+        key, _ = self._keys.add(layer, component, batch)
+        summary = summarize(stored_values(batch, self.dtype))
+        self.stats.add(*key, summary)
+        if summary.patterns is None:  # float32: too many magnitudes to count each
+            return
+        if key in self.patterns:
+            self.patterns[key] += summary.patterns
+        else:
+            self.patterns[key] = summary.patterns.copy()
+
+    def close(self) -> None:
+        """Check every key got all tokens, then write the file."""
+        self._keys.check_complete()
+        extra = {f"{array_name(*key)}/{_PATTERNS_PART}": counts for key, counts in self.patterns.items()}
+        self.stats.save(self.path, extra, {_SUMMARY_ATTR: json.dumps(self._metadata)})
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """A storeless shard's summary (see ``SummaryWriter``), read back."""
+
+    path: Path
+    metadata: dict[str, Any]
+    stats: StoreStats
+    patterns: dict[Key, np.ndarray]  # int64 [32768] per key: values per magnitude bit pattern (16-bit dtypes)
+
+    @property
+    def tokens(self) -> int:
+        return self.metadata["tokens"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return STORED_DTYPES[self.metadata["dtype"]]
+
+    @property
+    def corpus(self) -> CorpusSlice:
+        return CorpusSlice(**self.metadata["corpus"])
+
+    def keys(self) -> list[Key]:
+        return list(self.stats)
+
+
+def open_summary(path: str | os.PathLike) -> ShardSummary:
+    """A complete shard summary; ``StoreError`` names the path and what is wrong otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard summary at {path}")
+    try:
+        with safe_open(path, framework="numpy") as file:
+            header = file.metadata() or {}
+            if _SUMMARY_ATTR not in header:
+                raise StoreError(f"{path} is not a storeless shard summary (no {_SUMMARY_ATTR} entry)")
+            metadata = json.loads(header[_SUMMARY_ATTR])
+            keys = [check_key(*key) for key in json.loads(header["keys"])]
+            names = set(file.keys())
+            patterns = {key: file.get_tensor(name) for key in keys
+                        if (name := f"{array_name(*key)}/{_PATTERNS_PART}") in names}
+    except SafetensorError as exc:
+        raise StoreError(f"{path}: damaged shard summary: {exc}") from exc
+    if metadata.get("format") != SUMMARY_FORMAT:
+        raise StoreError(f"{path}: format {metadata.get('format')!r}, expected {SUMMARY_FORMAT!r}")
+    counted = {key: int(counts.sum()) for key, counts in patterns.items()}
+    stats = StoreStats.load(path)
+    wrong = [key for key in keys if stats[key].count != metadata["tokens"] * stats[key].channels
+             or counted.get(key, stats[key].count) != stats[key].count]
+    if wrong:
+        raise StoreError(f"{path}: keys {wrong} do not count {metadata['tokens']} tokens (damaged summary)")
+    return ShardSummary(path, metadata, stats, patterns)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -3,8 +3,7 @@ rule collect_activations:
         model="results/models/{model}",
         corpus="results/corpora/{model}/calibration.safetensors",
     output:
-        store=directory(store_path("{model}", "{shard}")) if STORE_SUFFIX == "zarr" else store_path("{model}", "{shard}"),
-        stats=store_path("{model}", "{shard}") + ".stats.safetensors",
+        **shard_outputs("{model}", "{shard}"),
     params:
         components=collected_components(),
         shards=config["collection"]["shards"],
@@ -44,7 +43,7 @@ rule weights_table:
 rule stats_tables:
     input:
         weights=expand("results/stats/{model}/weights.csv", model=MODELS),
-        stats=[store_path(m, k) + ".stats.safetensors" for m in MODELS for k in SHARDS],
+        stats=[shard_stats(m, k) for m in MODELS for k in SHARDS],
     output:
         weights="results/tables/weights.csv",
         sparsity="results/tables/natural_sparsity.csv",

@@ -17,7 +17,8 @@ METHODS = list(config["methods"])
 CORPORA = ("calibration", "evaluation")
 DENSE = "dense"  # the dense baseline: method "dense" at sparsity 0.00
 SHARDS = range(config["collection"]["shards"])
-STORE_SUFFIX = {"zarr": "zarr", "hdf5": "h5"}[config["collection"]["backend"]]
+STORELESS = config["collection"]["backend"] == "none"  # shard summaries only; fits rerun the forwards
+STORE_SUFFIX = {"zarr": "zarr", "hdf5": "h5", "none": None}[config["collection"]["backend"]]
 
 
 def alternatives(names):
@@ -71,6 +72,31 @@ def speed_results():
 
 def store_path(model, shard):
     return f"results/activations/{model}/calibration/shard-{shard}.{STORE_SUFFIX}"
+
+
+def shard_stats(model, shard):
+    """A calibration shard's statistics: beside its store, or the storeless shard summary."""
+    if STORELESS:
+        return f"results/activations/{model}/calibration/shard-{shard}.stats.safetensors"
+    return store_path(model, shard) + ".stats.safetensors"
+
+
+def shard_outputs(model, shard):
+    """What a collection job writes: the store and its statistics, or the summary alone."""
+    if STORELESS:
+        return {"stats": shard_stats(model, shard)}
+    store = store_path(model, shard)
+    return {"store": directory(store) if STORE_SUFFIX == "zarr" else store, "stats": shard_stats(model, shard)}
+
+
+def calibration_inputs(wildcards):
+    """What a fit reads: the shard stores, or the shard summaries and the corpus to rerun the forwards on."""
+    if STORELESS:
+        return {
+            "summaries": [shard_stats(wildcards.model, k) for k in SHARDS],
+            "corpus": f"results/corpora/{wildcards.model}/calibration.safetensors",
+        }
+    return {"stores": [store_path(wildcards.model, k) for k in SHARDS]}
 
 
 def method_of(name):

@@ -1,17 +1,20 @@
 rule fit_thresholds:
     input:
+        unpack(calibration_inputs),
         model="results/models/{model}",
-        stores=lambda wc: [store_path(wc.model, k) for k in SHARDS],
     output:
         "results/thresholds/{model}/{method}/grid.safetensors",
     params:
         method=lambda wc: method_of(wc.method),
         method_params=lambda wc: method_params(wc.method),
+        # storeless: the forwards are the collection's (same batches, dtype and threads)
+        seq_len=config["collection"]["seq_len"],
+        batch_size=config["collection"]["batch_size"],
+        dtype=config["dtype"],
     log:
         f"{LOGS}/fit_thresholds/{{model}}/{{method}}.log",
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **(heavy_resources(mem_mb=8000, runtime=120) if STORELESS else dict(mem_mb=8000, runtime=60)),
     threads: config["threads"]
     cache: "omit-software"
     conda:

@@ -231,7 +231,7 @@ def test_bad_input_fails_early_with_the_reason(tmp_path) -> None:
         collect_shard(net, corpus(), CorpusSlice("c", 0, 1, 0, 240), path, ["act"], SEQ, BATCH,
                       "float16", {}, "tiny", BOS)
     with pytest.raises(ValueError, match="stored dtype"):
-        collect(net, path, shard_slices(N_TOKENS, 1, SEQ)[0], dtype="float32")
+        collect(net, path, shard_slices(N_TOKENS, 1, SEQ)[0], dtype="float64")
     with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
         collect_shard(net, corpus(1024), shard_slices(1024, 1, 512)[0], path, ["act"], 512, 1,
                       "float16", {}, "tiny", BOS)

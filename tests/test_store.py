@@ -278,8 +278,8 @@ def test_existing_store_needs_overwrite(tmp_path) -> None:
 def test_bad_input_fails_early_with_a_clear_error(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"end in \.zarr or \.h5"):
         StoreWriter(tmp_path / "s.npy", model="m", corpus=SLICE)
-    with pytest.raises(ValueError, match="float16 or bfloat16"):
-        StoreWriter(tmp_path / "s.zarr", model="m", corpus=SLICE, dtype=torch.float32)
+    with pytest.raises(ValueError, match="one of float16, bfloat16, float32"):
+        StoreWriter(tmp_path / "s.zarr", model="m", corpus=SLICE, dtype=torch.float64)
     with pytest.raises(ValueError, match="shard index 4 not in"):
         CorpusSlice("c4", 4, 4, 0, 10)
     with StoreWriter(tmp_path / "s.zarr", model="m", corpus=SLICE, token_block=BLOCK) as writer:

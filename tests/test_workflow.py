@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from actsparse import columns, publish
@@ -239,3 +240,25 @@ def test_every_table_compared_with_itself_is_identical(finished_run, capsys):
     names = [["--table", p.stem] for p in (finished_run / "results" / "tables").glob("*.csv")]
     assert main(["compare", results, results, *sum(names, [])]) == 0
     assert capsys.readouterr().out.startswith(f"identical ({len(names)} tables)")
+
+
+@pytest.mark.slow
+def test_the_grid_runs_storeless_to_the_same_thresholds_and_tables_without_a_store(finished_run, tmp_path, capsys):
+    """collection.backend none: shard summaries only, fits rerun the forwards; every threshold
+    tensor and every table equals the stored run's."""
+    from safetensors.torch import load_file
+
+    run = snakemake(tmp_path, tiny_config(collection={"shards": 2, "seq_len": 64, "batch_size": 4, "backend": "none"}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    written = [p for p in (tmp_path / "results").rglob("*") if ".zarr" in p.name or ".h5" in p.name]
+    assert written == []
+    summaries = sorted(p.name for p in (tmp_path / "results/activations/tiny-llama/calibration").iterdir())
+    assert summaries == ["shard-0.stats.safetensors", "shard-1.stats.safetensors"]
+    grids = sorted(p.relative_to(finished_run) for p in finished_run.glob("results/thresholds/*/*/grid.safetensors"))
+    assert len(grids) == 2
+    for grid in grids:  # every level of every key, bit for bit
+        stored, storeless = load_file(finished_run / grid), load_file(tmp_path / grid)
+        assert stored.keys() == storeless.keys()
+        assert all(torch.equal(stored[k].view(torch.int64), storeless[k].view(torch.int64)) for k in stored)
+    assert main(["compare", str(finished_run / "results"), str(tmp_path / "results")]) == 0
+    assert capsys.readouterr().out.startswith("identical")

@@ -5,7 +5,7 @@ with job(snakemake) as ctx:
     stages.collect_activations(
         model_dir=snakemake.input.model,
         corpus_path=snakemake.input.corpus,
-        out_path=snakemake.output.store,
+        out_path=snakemake.output.get("store") or snakemake.output.stats,  # storeless: the summary
         shard=int(snakemake.wildcards.shard),
         device=ctx.device,
         provenance=ctx.provenance,
