@@ -208,3 +208,10 @@ def test_safetensors_are_written_with_the_same_bytes_in_every_process(tmp_path):
         assert torch.equal(stored.get_tensor("a"), torch.ones(2, 2))
         assert torch.equal(stored.get_tensor("b"), torch.arange(3.0))
 
+
+def test_what_the_rules_import_at_parse_time_imports_no_heavy_package():
+    """rules/report.smk and rules/common.smk import these at every parse (dry runs, no-op reruns)."""
+    code = ("import sys, actsparse.publish, actsparse.config; "
+            "print(sorted(m for m in ('pandas', 'matplotlib', 'transformers', 'torch', 'zarr', 'h5py') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
