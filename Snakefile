@@ -5,7 +5,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The default config only when no --configfile is given: a user config stands alone over the
+# schema's defaults, so its models and methods are all that run (extend the default config with
+# `--configfile config/config.yaml my.yaml`).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from actsparse.components import ATTENTION_COMPONENTS, COMPONENTS, FFN_COMPONENTS  # noqa: F401 (re-exported)
@@ -168,9 +167,3 @@ def model_summary(model: nn.Module) -> dict:
         "ffn_parameters": ffn,
         "ffn_share": ffn / total,
     }
-
-
-def split_gate_up(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phi-3's fused projection output, split as its MLP does (gate first)."""
-    gate, up = fused.chunk(2, dim=-1)
-    return gate, up

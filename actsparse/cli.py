@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from actsparse import columns, formats
+from actsparse.config import ConfigError, load_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 # `show --format`: the terminal table, or the text the pipeline writes beside the CSV (to paste)
@@ -42,10 +43,18 @@ class InputError(Exception):
     not identify its rows): reported as a usage error, exit status 2."""
 
 
-def _snakemake_plan(configfile: str | None, extra: list[str]) -> int:
+def _snakemake_plan(configfiles: list[str], extra: list[str]) -> int:
+    """A Snakemake dry run. Each config file is parsed first: Snakemake reads ``--configfile``
+    before the workflow's own checks and reports a YAML syntax error without file or line."""
+    try:
+        for path in configfiles:
+            load_yaml(Path(path))
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--dry-run", "--quiet", "rules"]
-    if configfile:
-        cmd += ["--configfile", configfile]
+    if configfiles:
+        cmd += ["--configfile", *configfiles]
     return subprocess.run(cmd + extra).returncode
 
 
@@ -273,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("list", help="the jobs a config would run now (a Snakemake dry run)")
-    plan.add_argument("--configfile")
+    plan.add_argument("--configfile", nargs="+", default=[], help="config files, later ones overriding earlier "
+                      "ones (default: config/config.yaml)")
     show = commands.add_parser("show", help="print a result table, e.g. perplexity or perplexity_wide")
     show.add_argument("table")
     show.add_argument("--results", type=Path, default=Path("results"), help="the results directory (default: results)")

@@ -38,10 +38,18 @@ def load_yaml(path: Path) -> dict:
     try:
         return yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}" if mark else str(path)
-        problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        raise ConfigError(_yaml_problem(path, error)) from None
+
+
+def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    """'FILE, line N, column C: not valid YAML: WHAT (while parsing ... from line M)': where the
+    parser stopped, and where the construct it was in began (often the line with the typo)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    problem = getattr(error, "problem", None) or str(error)
+    context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+    began = f" ({context} from line {start.line + 1})" if context and start else ""
+    return f"{where}: not valid YAML: {problem}{began}"
 
 
 def _with_defaults(validator_class):

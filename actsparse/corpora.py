@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from actsparse.provenance import write_safetensors
+from actsparse.provenance import verify_safetensors, write_safetensors
 
 
 class CorpusError(ValueError):
@@ -79,6 +79,7 @@ def load_corpus(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"prepared corpus not found: {path}")
+    verify_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         return {

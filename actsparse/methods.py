@@ -60,7 +60,8 @@ per key for pass 1, one group's pass-2 counts, and one read block (one batch, fo
 
 Threshold files: safetensors, one float64 tensor ``layers.{i}.{component}`` per key (0-d or a
 per-channel vector; float64 is numpy.percentile's result, kept unrounded) and, in the header,
-every metadata entry JSON-encoded beside ``format``. Grid files (``save_grid``) hold every level
+every metadata entry JSON-encoded beside ``format`` and the ``checksum`` that loading verifies
+(``provenance.verify_safetensors``). Grid files (``save_grid``) hold every level
 of one fit the same way, each tensor with the levels stacked on a leading dimension, and the
 levels in the header entry ``sparsities``.
 """
@@ -92,7 +93,7 @@ from actsparse.registry import (  # noqa: F401 (re-exported: the registry is par
     options,
     requirements,
 )
-from actsparse.provenance import write_safetensors
+from actsparse.provenance import CHECKSUM, damage_report, verify_safetensors, write_safetensors
 from actsparse.quantiles import QuantileSketch, histogram_quantiles
 from actsparse.sources import BlockSource, StoreSource
 from actsparse.stats import Key, check_key
@@ -529,9 +530,11 @@ def _read(path: str | os.PathLike, fmt: str) -> tuple[Thresholds, dict[str, Any]
             if header.pop("format", None) != fmt:
                 raise ThresholdFileError(f"{path}: not an {fmt} file")
             tensors = {_key_of(path, name): file.get_tensor(name) for name in file.keys()}
+        header.pop(CHECKSUM, None)
         metadata = {name: json.loads(value) for name, value in header.items()}
     except (SafetensorError, json.JSONDecodeError) as exc:
-        raise ThresholdFileError(f"{path}: damaged thresholds file: {exc}") from exc
+        raise ThresholdFileError(damage_report(path, f"not a readable thresholds file ({exc})")) from exc
+    verify_safetensors(path)
     return tensors, metadata
 
 

@@ -421,7 +421,7 @@ def run_match_study(
         "samples": [{"sample": k, "start": start, "length": length} for k, start in enumerate(study.starts)],
         "ranked_at_lowest_similarity": ranked,
         "active_fraction": study.active_fraction,
-        "chance_agreement": {layer: d * d + (1 - d) * (1 - d) for layer, d in study.active_fraction.items()},
+        "chance_agreement": {layer: patterns.chance_agreement(d, d) for layer, d in study.active_fraction.items()},
         "provenance": provenance,
     })
 

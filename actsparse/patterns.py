@@ -273,8 +273,9 @@ def paper_match_rate(p: np.ndarray, q: np.ndarray, window: tuple[int, int] | Non
     return token_aligned_agreement(p[:tokens, :neurons], q[:tokens, :neurons])
 
 
-def chance_agreement(p: np.ndarray, q: np.ndarray) -> float:
-    """Cell agreement expected between unrelated patterns with the densities of ``p`` and ``q``."""
+def chance_agreement(p: np.ndarray | float, q: np.ndarray | float) -> float:
+    """Cell agreement expected between unrelated patterns with the densities of ``p`` and ``q``
+    (two patterns, or their densities)."""
     dp, dq = float(np.mean(p)), float(np.mean(q))
     return dp * dq + (1.0 - dp) * (1.0 - dq)
 
@@ -306,6 +307,7 @@ def match_table(
                 f"sample {pair.sample!r}: {len(pair.original)} original vs {len(pair.variant)} variant layers"
             )
         unchanged = unchanged_positions(pair.original_ids, pair.variant_ids)
+        measured = aligned_similarity(pair.original_ids, pair.variant_ids)
         metrics: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
             "token_aligned_agreement": lambda p, q: token_aligned_agreement(p, q, unchanged),
             "hot_neuron_jaccard": lambda p, q: hot_neuron_jaccard(p, q, hot_fraction),
@@ -313,7 +315,7 @@ def match_table(
         }
         for layer, (p, q) in enumerate(zip(pair.original, pair.variant)):
             for name, metric in metrics.items():
-                rows.append((pair.sample, pair.similarity, float(unchanged.mean()), layer, name, metric(p, q)))
+                rows.append((pair.sample, pair.similarity, measured, layer, name, metric(p, q)))
     columns = ["sample", "similarity", "measured_similarity", "layer", "metric", "match_rate"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -360,10 +362,6 @@ class Predictor:
         """Probability that each target neuron is active, ``[n, neurons]``."""
         with torch.no_grad():
             return torch.sigmoid(self.net(self._standardise(x))).numpy()
-
-    def predict(self, x: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-        """Predicted active mask, ``[n, neurons]``."""
-        return self.scores(x) >= threshold
 
     def _standardise(self, x: np.ndarray) -> torch.Tensor:
         return (torch.as_tensor(np.asarray(x, dtype=np.float32)) - self.mean) / self.std

@@ -65,16 +65,59 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+CHECKSUM = "checksum"  # the metadata entry of every safetensors result file that verify_safetensors checks
+
+
+class DamagedFileError(ValueError):
+    """A result file whose contents are not what its writer wrote (a flipped bit, a truncation)."""
+
+
+def damage_report(path: str | os.PathLike, problem: str) -> str:
+    """What every damaged-file error says: which file, what is wrong, and how to regenerate it
+    (Snakemake rebuilds a missing output and reruns what depends on it)."""
+    remove = "rm -r" if Path(path).is_dir() else "rm"
+    return (f"{path} is damaged: {problem}. Regenerate it: `{remove} {path}`, then run the workflow again "
+            "(make run, or snakemake with your --configfile)")
+
+
+def _canonical(header: dict) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _digest(header: dict, data: bytes) -> str:
+    """sha256 of the header (less its checksum) and the tensor bytes: a changed threshold, shape,
+    offset or metadata value all change it."""
+    metadata = {k: v for k, v in header.get("__metadata__", {}).items() if k != CHECKSUM}
+    return "sha256:" + hashlib.sha256(_canonical({**header, "__metadata__": metadata}) + data).hexdigest()
+
+
 def write_safetensors(path: Path, raw: bytes) -> None:
     """A safetensors file (``raw``: what ``safetensors.torch.save`` or ``safetensors.numpy.save``
-    returned), written reproducibly. safetensors writes the header's metadata in an order that
-    changes from process to process, so the same tensors and metadata would give other bytes in
-    every run; the header is rewritten with sorted keys (tensor offsets are explicit, so any key
-    order reads the same) and padded to 8 bytes, as safetensors pads it."""
+    returned), written reproducibly and with a checksum in its metadata (``verify_safetensors``).
+    safetensors writes the header's metadata in an order that changes from process to process, so
+    the same tensors and metadata would give other bytes in every run; the header is rewritten
+    with sorted keys (tensor offsets are explicit, so any key order reads the same) and padded to
+    8 bytes, as safetensors pads it."""
     size = int.from_bytes(raw[:8], "little")
-    header = json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    write_bytes(path, len(header).to_bytes(8, "little") + header + raw[8 + size :])
+    header, data = json.loads(raw[8 : 8 + size]), raw[8 + size :]
+    header.setdefault("__metadata__", {})[CHECKSUM] = _digest(header, data)
+    encoded = _canonical(header)
+    encoded += b" " * (-len(encoded) % 8)
+    write_bytes(path, len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+def verify_safetensors(path: str | os.PathLike) -> None:
+    """Check a file ``write_safetensors`` wrote against its checksum; ``DamagedFileError`` naming
+    the file and how to regenerate it when it differs, is cut short, or has none."""
+    raw = Path(path).read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    try:
+        header = json.loads(raw[8 : 8 + size])
+        stored = header["__metadata__"][CHECKSUM]
+    except (ValueError, KeyError, TypeError):
+        raise DamagedFileError(damage_report(path, "its header is unreadable or has no checksum")) from None
+    if stored != _digest(header, raw[8 + size :]):
+        raise DamagedFileError(damage_report(path, "its checksum does not match its contents"))
 
 
 def figure_metadata(path: str | os.PathLike) -> dict:

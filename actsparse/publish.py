@@ -9,18 +9,20 @@ Beside every CSV (the source of truth, read by a plain ``pd.read_csv``) this sta
 ``{name}.md``, ``{name}.tex`` (booktabs), ``{name}.html`` (the view the Snakemake report shows)
 and ``{name}.provenance.json``: the provenance of the job that wrote these files and the SHA-256
 of the CSV they show. No timestamps and no absolute paths, so a rerun writes identical bytes.
+
+Every rule parse imports this module (``TABLES``), so it imports only light modules: each table's
+builder is named, not imported, and is imported by the job that builds the table.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
-from actsparse import columns, formats, summaries, tables
+from actsparse import columns
 from actsparse.provenance import write_text
 
 TABLE_DIR = "results/tables"
@@ -37,20 +39,21 @@ class Table:
     title: str
     about: str  # what a row is and where its numbers come from (plain text: the report reads it as reST)
     sources: tuple[str, ...] = ()  # what a paper layout is built from; `{model}` stands for every model
-    build: Callable[[list[Path]], pd.DataFrame] | None = None  # None: an earlier rule writes the CSV
+    # "module:function" building the frame from the sources' paths; None: an earlier rule writes the CSV
+    build: str | None = None
+    layout: bool = False  # build rearranges its one source table's frame (a paper layout)
 
 
-def layout_of(source: str, layout: Callable[[pd.DataFrame], pd.DataFrame]) -> dict:
-    """A paper layout of another table: that table's CSV in (floats read back exactly), the
-    rearranged frame out."""
-    def build(paths: list[Path]) -> pd.DataFrame:
-        return layout(pd.read_csv(paths[0], float_precision="round_trip"))
-
-    return dict(sources=(table_path(source),), build=build)
+def layout_of(source: str, layout: str) -> dict:
+    """A paper layout of another table: ``layout`` ("module:function") takes that table's CSV
+    (floats read back exactly) and returns the rearranged frame."""
+    return dict(sources=(table_path(source),), build=layout, layout=True)
 
 
-def provenance_rows(paths: Sequence[Path]) -> pd.DataFrame:
+def provenance_rows(paths: Sequence[Path]):
     """One row per result file (a JSON result or a table's provenance sidecar): what made it."""
+    import pandas as pd
+
     rows = []
     for path in paths:
         record = json.loads(Path(path).read_text())["provenance"]
@@ -67,7 +70,7 @@ TABLES: dict[str, Table] = {
         "Models", "Table I: the models",
         "Family, FFN activation, parameters, decoder layers and the FFN's share of the parameters, read from each "
         "imported checkpoint's config and tensor shapes.",
-        sources=(MODEL_DIR,), build=tables.models_table,
+        sources=(MODEL_DIR,), build="actsparse.tables:models_table",
     ),
     "perplexity": Table(
         "Perplexity", "Perplexity per grid point",
@@ -77,13 +80,13 @@ TABLES: dict[str, Table] = {
     "perplexity_wide": Table(
         "Perplexity", "Perplexity vs sparsity",
         "Perplexity per model and method (rows) and target sparsity (columns); column 0.00 is the dense baseline.",
-        **layout_of("perplexity", tables.perplexity_wide),
+        **layout_of("perplexity", "actsparse.tables:perplexity_wide"),
     ),
     "perplexity_at_budget": Table(
         "Perplexity", "Perplexity at equal skipped FFN work",
         "Each method's perplexity interpolated (numpy.interp along its curve from the dense baseline) at 30, 40 and "
         "50% skipped FFN weight work, i.e. at equal activated FFN parameters; empty where its curve ends earlier.",
-        **layout_of("perplexity", tables.perplexity_at_budget),
+        **layout_of("perplexity", "actsparse.tables:perplexity_at_budget"),
     ),
     "downstream": Table(
         "Downstream tasks", "Zero-shot accuracy per task",
@@ -95,7 +98,7 @@ TABLES: dict[str, Table] = {
         "acc of every task and their average per model, method and target sparsity, and activated_ffn_params: "
         "1 - skipped_ffn_params, the share of FFN weight work still done, and average_stderr, the average's "
         "standard error.",
-        **layout_of("downstream", tables.downstream_wide),
+        **layout_of("downstream", "actsparse.tables:downstream_wide"),
     ),
     "weights": Table(
         STATISTICS, "Weight magnitudes",
@@ -103,7 +106,7 @@ TABLES: dict[str, Table] = {
     ),
     "weight_zeros": Table(
         STATISTICS, "Weight statistics", "Parameters and exact zeros per model and matrix type.",
-        **layout_of("weights", summaries.weight_zeros),
+        **layout_of("weights", "actsparse.summaries:weight_zeros"),
     ),
     "natural_sparsity": Table(
         STATISTICS, "Natural activation sparsity",
@@ -138,15 +141,27 @@ TABLES: dict[str, Table] = {
         "Provenance", "Provenance of every result",
         "Config hash, code version (git describe), device, seed, Python and package versions, as recorded by every "
         "JSON result and every table's provenance sidecar.",
-        build=provenance_rows,
+        build="actsparse.publish:provenance_rows",
     ),
 }
 
 
-def build_table(name: str, inputs: Sequence[Path], out, title: str, about: str, provenance: dict) -> pd.DataFrame:
+def builder(name: str):
+    """The function that builds table ``name``'s frame, imported now."""
+    module, function = TABLES[name].build.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def build_table(name: str, inputs: Sequence[Path], out, title: str, about: str, provenance: dict):
     """A table this stage builds: its CSV from ``inputs`` (what its ``build`` reads), then every
     rendering and the sidecar (``formats.write``; ``out`` also names the ``csv``)."""
-    frame = TABLES[name].build([Path(p) for p in inputs])
+    import pandas as pd
+
+    from actsparse import formats
+
+    paths = [Path(p) for p in inputs]
+    build = builder(name)
+    frame = build(pd.read_csv(paths[0], float_precision="round_trip")) if TABLES[name].layout else build(paths)
     write_text(out.csv, frame.to_csv(index=False))
     formats.write(frame, out.csv, out, title, about, provenance)
     return frame

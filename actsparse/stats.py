@@ -40,8 +40,8 @@ the summary is computed wherever the values are, the folding happens on the writ
 NaN values are refused: they have no place in a magnitude histogram and always mean a bug
 upstream.
 
-Files: one safetensors file per store holds every key's arrays; its JSON header holds the format
-and the list of keys. No pickle anywhere.
+Files: one safetensors file per store holds every key's arrays; its JSON header holds the format,
+the list of keys and the checksum that loading verifies. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from safetensors.numpy import save
 
 from actsparse import native
 from actsparse.anatomy import COMPONENTS
-from actsparse.provenance import write_safetensors
+from actsparse.provenance import verify_safetensors, write_safetensors
 
 Key = tuple[int, str]  # (layer index, component)
 
@@ -411,4 +411,5 @@ class StoreStats:
                 stats._stats[check_key(layer, component)] = TensorStats(
                     *(file.get_tensor(f"{name}/{part}") for part in _PARTS)
                 )
+        verify_safetensors(path)
         return stats

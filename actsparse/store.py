@@ -21,7 +21,9 @@ marker and renames it to ``<path>``; an interrupted writer leaves ``<path>.parti
 the next writer for that path deletes first. ``open_store`` refuses a store without the marker,
 with a missing array, with an array of another shape than recorded, or with missing chunks
 (every chunk is written, even all-zero ones, so a stored-chunk count below the expected one means
-lost data).
+lost data). Every chunk carries a checksum, checked as it is read: zarr's ``crc32c`` codec after
+the compressor, HDF5's ``fletcher32`` filter; a chunk that does not read back is a ``StoreError``
+naming the store, the array, the chunk and how to regenerate the store.
 
 Compression (``compression=``, one of ``COMPRESSIONS``) is chosen per backend for its cost on
 the writer thread. Measured on SmolLM2-135M float16 activations through each backend, writer
@@ -77,8 +79,9 @@ import numpy as np
 import torch
 import zarr
 from safetensors import SafetensorError, safe_open
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from actsparse.provenance import damage_report
 from actsparse.stats import BatchSummary, Key, StoreStats, array_name, check_key, summarize
 
 STORE_FORMAT = "actsparse.activations/1"
@@ -145,10 +148,11 @@ class _Batch:
 class _Zarr:
     """What differs between backends is here and in ``_Hdf5``; the rest of the module is shared."""
 
+    # every chunk ends in its crc32c, checked when it is read (a flipped bit is an error, not data)
     codecs = {
-        "fast": BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle),
-        "small": BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle),
-        "none": None,
+        "fast": [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()],
+        "small": [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle), Crc32cCodec()],
+        "none": [Crc32cCodec()],
     }
 
     @staticmethod
@@ -193,8 +197,8 @@ class _Hdf5:
     @staticmethod
     def create_array(root: h5py.File, name: str, shape: tuple[int, int], chunks: tuple[int, int],
                      dtype: np.dtype, compression: str) -> h5py.Dataset:
-        return root.create_dataset(
-            name, shape=shape, chunks=chunks, dtype=dtype, **_Hdf5.codecs[compression]
+        return root.create_dataset(  # fletcher32: every chunk's checksum, checked when it is read
+            name, shape=shape, chunks=chunks, dtype=dtype, fletcher32=True, **_Hdf5.codecs[compression]
         )
 
     @staticmethod
@@ -583,8 +587,23 @@ class ActivationStore:
             try:
                 block = array[start : start + step]
             except Exception as exc:
-                raise StoreError(f"{self.path}: cannot read {name} at token {start}") from exc
+                raise StoreError(self._unreadable(name, array, start, step, exc)) from exc
             yield torch.from_numpy(block).view(self.dtype)
+
+    def _unreadable(self, name: str, array: Any, start: int, step: int, error: Exception) -> str:
+        """The damage report of a read that failed: the first chunk of the read that does not
+        decode (its checksum, or its codec, fails) and why."""
+        height = array.chunks[0]
+        for chunk in range(start // height, math.ceil(min(start + step, self.tokens) / height)):
+            try:
+                array[chunk * height : (chunk + 1) * height]
+            except Exception as exc:
+                error = exc
+                break
+        else:
+            chunk = start // height
+        rows = f"tokens {chunk * height}-{min((chunk + 1) * height, self.tokens) - 1}"
+        return damage_report(self.path, f"array {name}, chunk {chunk} ({rows}) does not read back ({error})")
 
     def stats(self) -> StoreStats:
         """The statistics its writer collected."""
@@ -604,12 +623,12 @@ def open_store(path: str | os.PathLike) -> ActivationStore:
     if not path.exists():
         if partial_path(path).exists():
             raise StoreError(f"{path} is incomplete: its writer was interrupted, only "
-                             f"{partial_path(path)} exists")
+                             f"{partial_path(path)} exists; run the workflow again to regenerate it")
         raise FileNotFoundError(f"no store at {path}")
     try:
         root = backend.open(path)
     except Exception as exc:
-        raise StoreError(f"{path}: cannot open as {path.suffix} store: {exc!r}") from exc
+        raise StoreError(damage_report(path, f"cannot open as {path.suffix} store: {exc!r}")) from exc
     try:
         metadata, marker = _read_attrs(path, root)
         _check_arrays(path, root, backend, marker)
@@ -621,7 +640,7 @@ def open_store(path: str | os.PathLike) -> ActivationStore:
 
 def _read_attrs(path: Path, root: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if _MARKER_ATTR not in root.attrs:
-        raise StoreError(f"{path} has no completion marker: its writer did not finish")
+        raise StoreError(damage_report(path, "it has no completion marker: its writer did not finish"))
     metadata = json.loads(root.attrs[_META_ATTR])
     if metadata.get("format") != STORE_FORMAT:
         raise StoreError(f"{path}: format {metadata.get('format')!r}, expected {STORE_FORMAT!r}")
@@ -633,17 +652,13 @@ def _check_arrays(path: Path, root: Any, backend: Backend, marker: dict[str, Any
     for entry in marker["arrays"]:
         name = array_name(entry["layer"], entry["component"])
         if name not in root:
-            raise StoreError(f"{path}: array {name} is missing (truncated or damaged store)")
+            raise StoreError(damage_report(path, f"array {name} is missing"))
         array = root[name]
         if list(array.shape) != entry["shape"]:
-            raise StoreError(
-                f"{path}: {name} has shape {list(array.shape)}, the completion marker records "
-                f"{entry['shape']} (truncated or damaged store)"
-            )
+            raise StoreError(damage_report(
+                path, f"{name} has shape {list(array.shape)}, the completion marker records {entry['shape']}"
+            ))
         expected = math.prod(math.ceil(n / c) for n, c in zip(array.shape, array.chunks))
         stored = backend.stored_chunks(array)
         if stored != expected:
-            raise StoreError(
-                f"{path}: {name} stores {stored} of its {expected} chunks "
-                "(truncated or damaged store)"
-            )
+            raise StoreError(damage_report(path, f"{name} stores {stored} of its {expected} chunks"))

@@ -20,6 +20,9 @@ FAST_DRY_RUNS = {
     "corpus_gz_corrupt", "gguf_package_not_installed", "local_model_without_tokenizer", "sparsity_three_decimals", "tiny_family_unknown",
 }
 MAX_LINES = 15
+# Snakemake reads a --configfile before the workflow starts and says only "not valid JSON or YAML";
+# `actsparse list` parses each file first and names the line (README "Configuration")
+THROUGH_ACTSPARSE = {"yaml_syntax_error"}
 
 
 def expected_message(path: Path) -> str:
@@ -30,8 +33,9 @@ def expected_message(path: Path) -> str:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A working directory where the default corpus paths and the test data resolve, as in a checkout."""
-    for name in ("resources", "tests"):
+    """A working directory where the default config, the default corpus paths and the test data
+    resolve, as in a checkout."""
+    for name in ("config", "resources", "tests"):
         (tmp_path / name).symlink_to(REPO / name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -72,13 +76,13 @@ def test_an_error_names_the_file_that_sets_the_key(workdir):
 def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("models:\n  m: {tiny: {family: llama}\nthreads: 1\n")
-    with pytest.raises(ConfigError, match=rf"{path}, line 3: not valid YAML"):
+    with pytest.raises(ConfigError, match=rf"{path}, line 3, column 1: not valid YAML"):
         load_yaml(path)
 
 
 def dry_run_cases():
     for path in BAD_CONFIGS:
-        marks = () if path.stem in FAST_DRY_RUNS else (pytest.mark.slow,)
+        marks = () if path.stem in FAST_DRY_RUNS | THROUGH_ACTSPARSE else (pytest.mark.slow,)
         yield pytest.param(path, marks=marks, id=path.stem)
 
 
@@ -86,9 +90,32 @@ def dry_run_cases():
 def test_dry_run_with_a_bad_config_stops_before_any_job_in_a_few_lines(path, workdir):
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "1",
            "--directory", str(workdir), "--configfile", str(path), "--dry-run"]
+    if path.stem in THROUGH_ACTSPARSE:
+        cmd = [sys.executable, "-m", "actsparse.cli", "list", "--configfile", str(path)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     output = run.stdout + run.stderr
     assert run.returncode != 0
     assert expected_message(path) in output
     assert len(output.splitlines()) <= MAX_LINES, output
     assert "Building DAG" not in output and not (workdir / "results").exists()
+
+
+def readme_example(caption: str) -> str:
+    """The README's YAML block whose first line is ``caption``."""
+    blocks = (REPO / "README.md").read_text().split("```yaml\n")[1:]
+    return next(block.split("```")[0] for block in blocks if block.startswith(caption))
+
+
+def test_a_user_config_runs_only_its_own_models_and_methods(workdir):
+    """README's "only my model, only cats": the default config's models and methods do not join in."""
+    user = workdir / "my.yaml"
+    user.write_text(readme_example("# my.yaml: only my model, only cats"))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "1",
+           "--directory", str(workdir), "--configfile", str(user), "--dry-run"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    wildcards = [dict(pair.split("=") for pair in line.split(":", 1)[1].strip().split(", "))
+                 for line in run.stdout.splitlines() if line.strip().startswith("wildcards:")]
+    assert wildcards, run.stdout[-2000:]
+    assert {w["model"] for w in wildcards if "model" in w} == {"mine"}
+    assert {w["method"] for w in wildcards if "method" in w} == {"dense", "cats"}

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from unittest.mock import patch
+from unittest.mock import ANY, patch
 
 import jinja2
 import numpy as np
@@ -25,7 +25,7 @@ from safetensors import safe_open
 from actsparse import columns, formats, publish, tables
 from actsparse.anatomy import model_summary
 from actsparse.models import load_model
-from actsparse.provenance import provenance
+from actsparse.provenance import CHECKSUM, provenance
 from actsparse.tasks import Doc, summarize
 from conftest import FAMILIES, REPO
 
@@ -256,6 +256,14 @@ def test_safetensors_are_written_with_the_same_bytes_in_every_process(tmp_path):
         subprocess.run([sys.executable, "-c", WRITE_IN_A_FRESH_PROCESS, str(path)], check=True, cwd=REPO)
     assert len({p.read_bytes() for p in paths}) == 1
     with safe_open(paths[0], framework="pt") as stored:
-        assert stored.metadata() == {key: f"value of {key}" for key in "abcdefghij"}
+        assert stored.metadata() == {key: f"value of {key}" for key in "abcdefghij"} | {CHECKSUM: ANY}
         assert torch.equal(stored.get_tensor("a"), torch.ones(2, 2))
         assert torch.equal(stored.get_tensor("b"), torch.arange(3.0))
+
+
+def test_what_the_rules_import_at_parse_time_imports_no_heavy_package():
+    """rules/report.smk and rules/common.smk import these at every parse (dry runs, no-op reruns)."""
+    code = ("import sys, actsparse.publish, actsparse.config; "
+            "print(sorted(m for m in ('pandas', 'matplotlib', 'transformers', 'torch', 'zarr', 'h5py') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"

@@ -231,6 +231,40 @@ def test_damaged_store_is_refused_naming_path_and_problem(
     assert str(path) in str(error.value)
 
 
+def _flip_byte(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _flip_zarr_chunk(path: Path, chunk: int) -> None:
+    chunk_file = path / f"layers/0/act/c/{chunk}/0"
+    _flip_byte(chunk_file, chunk_file.stat().st_size // 2)
+
+
+def _flip_h5_chunk(path: Path, chunk: int) -> None:
+    with h5py.File(path, "r") as file:
+        info = file["layers/0/act"].id.get_chunk_info(chunk)
+    _flip_byte(path, info.byte_offset + info.size // 2)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("suffix, flip", [(".zarr", _flip_zarr_chunk), (".h5", _flip_h5_chunk)])
+def test_a_flipped_chunk_is_an_error_naming_store_array_chunk_and_recovery(tmp_path, suffix, flip, compression) -> None:
+    path = tmp_path / f"shard-1{suffix}"
+    write(path, data(), compression=compression)
+    flip(path, 2)
+    for rows in (None, 64):  # read chunk by chunk, or two chunks at a time: the same chunk is named
+        with open_store(path) as store:
+            with pytest.raises(StoreError) as error:
+                list(store.iter_chunks(0, "act", rows=rows))
+        message = str(error.value)
+        assert f"{path} is damaged: array layers/0/act, chunk 2 (tokens 64-95)" in message
+        assert f"rm {'-r ' if suffix == '.zarr' else ''}{path}" in message
+    with open_store(path) as store:  # the other arrays read back unchanged
+        assert np.array_equal(bits(torch.cat(list(store.iter_chunks(0, "gate")))), bits(data()[(0, "gate")].half()))
+
+
 class DiskFull(OSError):
     pass
 
