@@ -65,7 +65,7 @@ install-qwen: $(STAMP)
 
 # The 1.5B model through every stage (config/scale.yaml), about 90 minutes on a 2-core CPU.
 scale: install-qwen
-	$(SNAKEMAKE) --configfile config/scale.yaml
+	$(SNAKEMAKE) --configfile config/scale.yaml --replace-workflow-config
 
 clean:
 	rm -rf results .snakemake

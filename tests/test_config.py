@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actsparse.config import SCHEMA, ConfigError, check_config, load_yaml
+from actsparse.config import SCHEMA, ConfigError, check_config, load_yaml, relation_errors, schema_errors
 from conftest import REPO
 
 BAD_CONFIGS = sorted((REPO / "tests/data/bad_configs").glob("*.yaml"))
@@ -92,3 +92,12 @@ def test_dry_run_with_a_bad_config_stops_before_any_job_in_a_few_lines(path, wor
     assert expected_message(path) in output
     assert len(output.splitlines()) <= MAX_LINES, output
     assert "Building DAG" not in output and not (workdir / "results").exists()
+
+
+def test_scale_config_is_valid_on_its_own(workdir):
+    """config/scale.yaml is the whole config (`make scale` passes --replace-workflow-config), so it
+    must hold without config/config.yaml's values (its model's part packages aside)."""
+    config = load_yaml(REPO / "config/scale.yaml")
+    problems = schema_errors(config) + [p for p in relation_errors(config) if p[0][0] != "models"]
+    assert problems == []
+    assert list(config["models"]) == ["qwen2.5-coder-1.5b"]
