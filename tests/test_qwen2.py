@@ -24,9 +24,9 @@ SOURCE = {
 }
 CORPORA = {
     "calibration": {"path": "resources/data/wikitext-2-raw/wiki.valid.raw.gz", "max_tokens": 512},
-    "evaluation": {"path": "resources/data/wikitext-2-raw/wiki.test.raw.gz", "max_tokens": 250},
+    "evaluation": {"path": "resources/data/wikitext-2-raw/wiki.test.raw.gz", "max_tokens": 254},
 }
-WINDOW = 128  # [BOS] + 127 text tokens: two windows over the evaluation prefix
+WINDOW = 128  # [BOS] + 127 text tokens: two whole windows over the 254-token evaluation prefix
 EVAL = dict(window=WINDOW, stride=None, batch_size=1, sparsify_tokens="all", dtype="float32", device="cpu", provenance={})
 
 
