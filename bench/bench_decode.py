@@ -1,10 +1,13 @@
 """Decoding speed of sparse FFN execution (actsparse.kernels) against the dense model, in one run.
 
-Part 1, SmolLM2-135M: CATS thresholds fitted on the fly (per-layer percentile of |act| over
+Part 1, a real model (SmolLM2-135M unless ``--model-dir``): thresholds fitted on the fly
+(``--methods``: CATS, a per-layer percentile of |act|; TEAL, of each projection input, over
 ``--calib-tokens`` WikiText-2 validation tokens), then greedy batch-1 decoding with a KV cache
 (``kernels.decode_speed``: dense and sparse steps alternating, median step time). Before timing,
 every sparsity is checked: the sparse model's greedy tokens and logits must equal the masked
-dense model's (``hooks.apply_thresholds``).
+dense model's (``hooks.apply_thresholds``). Beside each speedup: the weight-bytes bound, dense
+step bytes over the bytes a step still reads when the method's zeros skip exactly the target
+fraction of its weights (the decoder layers' projections and lm_head are what a step reads).
 
 Part 2, one Llama-7B-shaped FFN (hidden 4096, intermediate 11008, random weights, thresholds
 from random inputs): per-token time of the dense MLP against the sparse one.
@@ -17,8 +20,10 @@ time of a sparse kernel (never falling back) against dense at active fractions 0
 the 30 SmolLM2 FFNs in turn (so weights come from memory as in decoding) and on the 7B-shaped one.
 
     .venv/bin/python bench/bench_decode.py [--threads 2] [--kernel auto|torch|native] [--sweep]
+    .venv/bin/python bench/bench_decode.py --model-dir results/models/qwen2.5-coder-1.5b \
+        --methods cats,teal --sparsities 0.5 --no-layer-7b
 
-The SmolLM2 model must have been imported first (results/models/smollm2-135m, the import_model rule).
+The model must have been imported first (default results/models/smollm2-135m, the import_model rule).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from actsparse.anatomy import ANATOMIES, anatomy_of, decoder_layers
-from actsparse.hooks import capture
+from actsparse.hooks import INPUT_COMPONENTS, capture
 from actsparse.kernels import (
     KERNELS,
     GatedWeights,
@@ -51,21 +56,35 @@ MODEL_DIR = REPO / "results/models/smollm2-135m"
 TEXT = REPO / "resources/data/wikitext-2-raw/wiki.valid.raw.gz"
 SPARSITIES = (0.0, 0.3, 0.5, 0.7)
 SWEEP_ACTIVE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-COLUMNS = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup")
+COLUMNS = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup", "bound")
+THRESHOLDED = {"cats": ("act",), "teal": INPUT_COMPONENTS}  # what each timed method thresholds
 
 
-def abs_act_samples(model, token_ids: torch.Tensor, window: int = 512) -> dict[int, np.ndarray]:
-    """|act| of every layer over the calibration tokens, in windows of ``window`` positions."""
-    chunks: dict[int, list[np.ndarray]] = {}
-    sink = lambda layer, _, value: chunks.setdefault(layer, []).append(value.abs().flatten().numpy())  # noqa: E731
-    with capture(model, ["act"], sink), torch.inference_mode():
+def abs_samples(model, token_ids: torch.Tensor, components, window: int = 512) -> dict[tuple[int, str], np.ndarray]:
+    """|component| of every layer over the calibration tokens, in windows of ``window`` positions."""
+    chunks: dict[tuple[int, str], list[np.ndarray]] = {}
+    sink = lambda layer, c, value: chunks.setdefault((layer, c), []).append(value.abs().flatten().numpy())  # noqa: E731
+    with capture(model, list(components), sink), torch.inference_mode():
         for start in range(0, len(token_ids), window):
             model(token_ids[None, start : start + window])
-    return {layer: np.concatenate(parts) for layer, parts in chunks.items()}
+    return {key: np.concatenate(parts) for key, parts in chunks.items()}
 
 
-def cats(samples: dict[int, np.ndarray], sparsity: float) -> dict[tuple[int, str], float]:
-    return {(layer, "act"): float(np.percentile(v, 100 * sparsity)) for layer, v in samples.items()}
+def percentile_thresholds(samples: dict, method: str, sparsity: float) -> dict[tuple[int, str], float]:
+    """CATS or TEAL: one threshold per (layer, thresholded component) at the target sparsity."""
+    return {key: float(np.percentile(v, 100 * sparsity)) for key, v in samples.items() if key[1] in THRESHOLDED[method]}
+
+
+def weight_bytes_bound(model, method: str, sparsity: float) -> float:
+    """Dense step weight bytes / sparse step weight bytes when ``sparsity`` of the skippable
+    weights is skipped: CATS up_proj rows and down_proj columns, TEAL every projection's columns."""
+    anatomy = anatomy_of(model)
+    per_layer = {path: decoder_layers(model, anatomy)[0].get_submodule(path).weight.numel()
+                 for path in anatomy.ffn_projections + anatomy.attention_projections}
+    layers = len(decoder_layers(model, anatomy))
+    dense = layers * sum(per_layer.values()) + model.get_output_embeddings().weight.numel()
+    skippable = {"cats": per_layer[anatomy.up] + per_layer[anatomy.down], "teal": sum(per_layer.values())}[method]
+    return dense / (dense - sparsity * layers * skippable)
 
 
 def wikitext_tokens(tokenizer, count: int) -> torch.Tensor:
@@ -77,27 +96,36 @@ def wikitext_tokens(tokenizer, count: int) -> torch.Tensor:
     return ids[:count]
 
 
-def smollm2(args) -> tuple[torch.nn.Module, dict[int, np.ndarray], torch.Tensor]:
-    """The model, |act| samples of its calibration tokens, and the prompt (the tokens after them)."""
-    model, tokenizer = load_model(MODEL_DIR)
+def real_model(args) -> tuple[torch.nn.Module, dict, torch.Tensor]:
+    """The model, |x| samples of its calibration tokens for the methods' components, and the
+    prompt (the tokens after them)."""
+    model, tokenizer = load_model(args.model_dir)
     tokens = wikitext_tokens(tokenizer, args.calib_tokens + args.prompt_tokens)
-    return model, abs_act_samples(model, tokens[: args.calib_tokens]), tokens[args.calib_tokens :]
+    components = {c for method in args.methods for c in THRESHOLDED[method]}
+    return model, abs_samples(model, tokens[: args.calib_tokens], components), tokens[args.calib_tokens :]
 
 
-def smollm2_rows(model, samples: dict[int, np.ndarray], prompt: torch.Tensor, args) -> list[dict]:
+def real_model_rows(model, samples: dict, prompt: torch.Tensor, args) -> list[dict]:
     rows = []
-    for sparsity in SPARSITIES:
-        thresholds = cats(samples, sparsity)
-        diff = sparse_vs_masked(model, thresholds, prompt, 8, args.kernel)
-        with sparsify_for_decode(model, thresholds, args.break_even, args.kernel) as handle:
-            greedy_decode(model, prompt, args.new_tokens)
-        speed = decode_speed(model, thresholds, prompt, args.new_tokens, args.repeats, args.break_even, args.kernel)
-        print(
-            f"  cats {sparsity:.1f}: active {handle.active_fraction():.3f}, paths {dict(handle.paths())}, "
-            f"max |logit diff| vs masked dense {diff:.2e}",
-            flush=True,
-        )
-        rows.append(dict(model="smollm2-135m", method="cats", sparsity=sparsity, device="cpu", **speed))
+    for method in args.methods:
+        for sparsity in args.sparsities:
+            thresholds = percentile_thresholds(samples, method, sparsity)
+            try:
+                diff = sparse_vs_masked(model, thresholds, prompt, 8, args.kernel)
+            except AssertionError as error:  # timed anyway: the kernels do the same work either way
+                print(f"  {method} {sparsity:.1f}: {error}", flush=True)
+                diff = float("nan")
+            with sparsify_for_decode(model, thresholds, args.break_even, args.kernel) as handle:
+                greedy_decode(model, prompt, 8)
+            speed = decode_speed(model, thresholds, prompt, args.new_tokens, args.repeats, args.break_even, args.kernel)
+            print(
+                f"  {method} {sparsity:.1f}: active {handle.active_fraction():.3f}, paths {dict(handle.paths())}, "
+                f"max |logit diff| vs masked dense {diff:.2e}, load {_load()}",
+                flush=True,
+            )
+            rows.append(dict(model=Path(args.model_dir).name, method=method, sparsity=sparsity, device="cpu", **speed,
+                             bound=weight_bytes_bound(model, method, sparsity)))
+            print_table(rows[-1:])
     return rows
 
 
@@ -149,7 +177,8 @@ def layer_7b_rows(mlp: LlamaMLP, inputs: list[torch.Tensor], args) -> list[dict]
         dense_s, sparse_s = _interleaved_medians([[mlp], sparse], inputs, args.layer_tokens)
         rows.append(
             dict(model="llama7b-ffn-layer", method="cats", sparsity=sparsity, device="cpu",
-                 dense_tps=1 / dense_s, sparse_tps=1 / sparse_s, speedup=dense_s / sparse_s)
+                 dense_tps=1 / dense_s, sparse_tps=1 / sparse_s, speedup=dense_s / sparse_s,
+                 bound=1 / (1 - 2 / 3 * sparsity))
         )
     return rows
 
@@ -183,7 +212,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(
             f"{r['model']} | {r['method']} | {r['sparsity']:.1f} | {r['device']} | "
-            f"{r['dense_tps']:.2f} | {r['sparse_tps']:.2f} | {r['speedup']:.3f}"
+            f"{r['dense_tps']:.2f} | {r['sparse_tps']:.2f} | {r['speedup']:.3f} | {r['bound']:.3f}"
         )
 
 
@@ -195,10 +224,14 @@ def _load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per SmolLM2 run")
+    parser.add_argument("--model-dir", default=MODEL_DIR, help="an imported model (the import_model rule)")
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=["cats"], help="cats and/or teal")
+    parser.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")], default=list(SPARSITIES))
+    parser.add_argument("--no-layer-7b", action="store_true", help="skip part 2")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--calib-tokens", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=3, help="SmolLM2 decoding runs per row")
+    parser.add_argument("--repeats", type=int, default=3, help="decoding runs per row")
     parser.add_argument("--layer-tokens", type=int, default=60, help="timed tokens per 7B-layer row")
     parser.add_argument("--break-even", type=float, default=None, help="default: the kernel's own")
     parser.add_argument("--kernel", choices=["auto", *KERNELS], default="auto")
@@ -207,14 +240,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}, kernel {args.kernel}, load average {_load()}")
-    model, samples, prompt = smollm2(args)
-    mlp_7b, inputs_7b = layer_7b()
+    unknown = sorted(set(args.methods) - set(THRESHOLDED))
+    if unknown:
+        parser.error(f"--methods {unknown}: choose from {sorted(THRESHOLDED)}")
+    model, samples, prompt = real_model(args)
     if args.sweep:
         mlps = [layer.mlp for layer in decoder_layers(model, anatomy_of(model))]
-        sweep("smollm2-135m (30 FFNs)", mlps, _mlp_inputs(model, prompt), args)
-        sweep("llama7b-ffn-layer", [mlp_7b], inputs_7b, args)
+        sweep(f"{Path(args.model_dir).name} ({len(mlps)} FFNs)", mlps, _mlp_inputs(model, prompt), args)
+        sweep("llama7b-ffn-layer", *layer_7b(), args)
     else:
-        print_table(smollm2_rows(model, samples, prompt, args) + layer_7b_rows(mlp_7b, inputs_7b, args))
+        rows = real_model_rows(model, samples, prompt, args)
+        print_table(rows if args.no_layer_7b else rows + layer_7b_rows(*layer_7b(), args))
     print(f"load average after: {_load()}")
 
 

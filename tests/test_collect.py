@@ -19,7 +19,7 @@ from actsparse.collect import collect_shard, shard_slices
 from actsparse.models import load_model, tiny_model
 from actsparse.store import CorpusSlice, StoreError, open_store, partial_path
 
-FAMILIES = ("llama", "mistral", "phi3", "phi", "opt", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "phi", "opt", "gemma")
 SUFFIXES = (".zarr", ".h5")
 SEQ, BATCH, N_TOKENS = 12, 3, 200  # 16 sequences; 3 shards of 6, 5 and 5 sequences
 BOS = 256  # the byte tokenizer's bos_token_id (models.bos_id)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actsparse.config import SCHEMA, ConfigError, check_config, load_yaml
+from actsparse.config import SCHEMA, ConfigError, check_config, load_yaml, relation_errors, schema_errors
 from conftest import REPO
 
 BAD_CONFIGS = sorted((REPO / "tests/data/bad_configs").glob("*.yaml"))
@@ -119,3 +119,12 @@ def test_a_user_config_runs_only_its_own_models_and_methods(workdir):
     assert wildcards, run.stdout[-2000:]
     assert {w["model"] for w in wildcards if "model" in w} == {"mine"}
     assert {w["method"] for w in wildcards if "method" in w} == {"dense", "cats"}
+
+
+def test_scale_config_is_valid_on_its_own(workdir):
+    """config/scale.yaml is the whole config (a --configfile replaces config/config.yaml), so it
+    must hold without config/config.yaml's values (its model's part packages aside)."""
+    config = load_yaml(REPO / "config/scale.yaml")
+    problems = schema_errors(config) + [p for p in relation_errors(config) if p[0][0] != "models"]
+    assert problems == []
+    assert list(config["models"]) == ["qwen2.5-coder-1.5b"]

@@ -14,8 +14,8 @@ from actsparse.anatomy import anatomy_of, decoder_layers
 from actsparse.hooks import ZeroCounter, apply_thresholds, capture, last_fraction
 from actsparse.models import tiny_model
 
-FAMILIES = ("llama", "mistral", "phi3", "phi", "opt", "gemma")
-GATED = ("llama", "mistral", "phi3", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "phi3", "phi", "opt", "gemma")
+GATED = ("llama", "mistral", "qwen2", "phi3", "gemma")
 BATCH, SEQ, HIDDEN, FFN = 2, 10, 64, 128
 
 # Where each component is visible, written out per family (independent of the anatomy table):
@@ -48,6 +48,7 @@ def _non_gated_points(ffn: str, o: str) -> dict[str, list]:
 POINTS = {
     "llama": _LLAMA_POINTS,
     "mistral": _LLAMA_POINTS,
+    "qwen2": _LLAMA_POINTS,
     "gemma": _LLAMA_POINTS,
     "phi3": {
         "ffn_in": [("mlp.gate_up_proj", "in", None)],
@@ -230,7 +231,8 @@ def manual_opt_mlp(layer, x: torch.Tensor, t: float) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "family, mlp_path, manual",
-    [("llama", "mlp", manual_llama_mlp), ("phi3", "mlp", manual_phi3_mlp), ("opt", "", manual_opt_mlp)],
+    [("llama", "mlp", manual_llama_mlp), ("qwen2", "mlp", manual_llama_mlp), ("phi3", "mlp", manual_phi3_mlp),
+     ("opt", "", manual_opt_mlp)],
 )
 def test_masked_mlp_equals_manual_forward(family, mlp_path, manual):
     model = _model(family)

@@ -28,7 +28,7 @@ from actsparse.kernels import (
 )
 from actsparse.models import TINY_FAMILIES, tiny_model
 
-GATED = ("llama", "mistral", "phi3", "gemma")
+GATED = ("llama", "mistral", "qwen2", "phi3", "gemma")
 SPARSITIES = (0.0, 0.3, 0.5, 0.9)
 PROMPT = torch.tensor([256, *b"The cat sat on the mat."])
 STEPS = 6
@@ -120,7 +120,7 @@ def test_sparse_inputs_of_all_projections_equal_masked_dense(family, kernel):
     assert dict(model.named_parameters()).keys() == dict(_model(family).named_parameters()).keys()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma"])
 def test_chess_plus_sparsifies_q_and_o_inputs_and_keeps_k_v_dense(family):
     model = _model(family)
     thresholds = cats(family, 0.5) | percentiles(family, ("attn_in", "o_in"), 0.5)

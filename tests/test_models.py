@@ -1,6 +1,11 @@
+import hashlib
+import sys
+
 import pytest
 import torch
 
+from actsparse import models
+from actsparse.config import gguf_parts
 from actsparse.models import ModelSourceError, import_model, load_model, load_source, package_dir, resolve_dtype
 from conftest import FAMILIES
 
@@ -71,3 +76,45 @@ def test_smollm2_gguf_imports_and_reloads_identically(tmp_path):
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     assert model.config.num_hidden_layers == 30
+
+
+def test_tiny_qwen2_has_random_qkv_biases_and_tied_embeddings_after_import(tiny_model_dir):
+    """What sets Qwen2 apart from Llama survives the import: biases on q, k and v only (nonzero,
+    so a hook or kernel dropping them fails its tests) and one tensor for embeddings and lm_head."""
+    model, _ = load_model(tiny_model_dir("qwen2"))
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+            assert projection.bias is not None and bool((projection.bias != 0).all())
+        assert attention.o_proj.bias is None
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.fixture
+def part_packages(tmp_path, monkeypatch):
+    """Eleven importable part packages ``chunkpkg{i}`` holding ``data/part{i:02d}.bin`` (their
+    ``__init__`` raises, so importing one would fail the test) and the bytes they join to."""
+    chunks = [bytes([i]) * (100 + i) for i in range(1, 12)]
+    for i, chunk in enumerate(chunks, start=1):
+        package = tmp_path / f"chunkpkg{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise RuntimeError('package code must not run')\n")
+        (package / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return {"package": "chunkpkg{i}", "file": "data/part{i:02d}.bin", "count": len(chunks)}, b"".join(chunks)
+
+
+def test_gguf_parts_concatenate_in_numeric_order_without_importing_the_packages(part_packages, tmp_path):
+    parts, joined = part_packages
+    assert gguf_parts(parts)[9] == ("chunkpkg10", "data/part10.bin")  # 10 after 9, not after 1
+    path = models._gguf_file({"parts": parts, "sha256": hashlib.sha256(joined).hexdigest()}, tmp_path)
+    assert path.read_bytes() == joined
+    assert not any(name.startswith("chunkpkg") for name in sys.modules)
+
+
+def test_gguf_checksum_mismatch_and_missing_part_fail_naming_them(part_packages, tmp_path):
+    parts, joined = part_packages
+    with pytest.raises(ModelSourceError, match="gguf.sha256 says 0{64}"):
+        models._gguf_file({"parts": parts, "sha256": "0" * 64}, tmp_path)
+    with pytest.raises(ModelSourceError, match="'chunkpkg12' is not installed"):
+        models._gguf_file({"parts": dict(parts, count=12)}, tmp_path)

@@ -421,7 +421,7 @@ def test_fast_scorer_prepends_bos_for_tokenizers_that_add_it():
     assert_close(fast, naive_loglikelihoods(model(), tokenizer, HAND_DOCS, bos=[256]))
 
 
-@pytest.mark.parametrize("family", ["mistral", "phi3", "phi", "opt", "gemma"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "phi3", "phi", "opt", "gemma"])
 def test_fast_scorer_matches_on_every_family(family):
     tokenizer = byte_tokenizer()
     fast = loglikelihoods(model(family), tokenizer, HAND_DOCS, batch_size=5)
