@@ -3,6 +3,7 @@
 PERPLEXITY = ("model", "method", "target_sparsity", "achieved_sparsity", "skipped_ffn_params", "ppl", "word_ppl", "tokens")
 DOWNSTREAM = ("model", "method", "target_sparsity", "task", "acc", "acc_norm", "n", "achieved_sparsity", "skipped_ffn_params")
 AVERAGE_TASK = "average"  # the task label of the 8-task mean row of each (model, method, sparsity)
+ACC_STDERR = "acc_stderr"  # lm-eval's standard error of acc: sqrt(var(ddof=1) / n) over the documents
 SPEED = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup")
 # the paper layouts (actsparse.publish); their value columns follow the data (sparsity levels, tasks)
 MODELS = ("model", "family", "activation", "parameters", "layers", "ffn_share")  # the seed paper's Table I

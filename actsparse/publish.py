@@ -3,7 +3,7 @@
 ``TABLES`` is the one place that names the tables of ``results/tables/``: each table's report
 category, title and description and, for the tables this stage builds (the paper layouts and the
 provenance table), what they are built from. An earlier rule's table is rendered
-(``formats.render``) when the workflow targets its CSV, so a new table is one entry here.
+(``views.render``) when the workflow targets its CSV, so a new table is one entry here.
 
 Beside every CSV (the source of truth, read by a plain ``pd.read_csv``) this stage writes
 ``{name}.md``, ``{name}.tex`` (booktabs), ``{name}.html`` (the view the Snakemake report shows)
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from actsparse import columns, formats, summaries, tables
+from actsparse import columns, summaries, tables, views
 from actsparse.provenance import write_text
 
 TABLE_DIR = "results/tables"
@@ -81,7 +81,8 @@ TABLES: dict[str, Table] = {
     ),
     "downstream": Table(
         "Downstream tasks", "Zero-shot accuracy per task",
-        "acc and acc_norm per model, method, target sparsity and task; task average is the mean over the tasks.",
+        "acc and acc_norm per model, method, target sparsity and task over n documents, acc_stderr the standard "
+        "error of acc (lm-eval's); task average is the mean over the tasks, its stderr that of the mean.",
     ),
     "downstream_wide": Table(
         "Downstream tasks", "Zero-shot accuracy, CHESS layout",
@@ -137,8 +138,7 @@ TABLES: dict[str, Table] = {
 
 def build_table(name: str, inputs: Sequence[Path], out, title: str, about: str, provenance: dict) -> pd.DataFrame:
     """A table this stage builds: its CSV from ``inputs`` (what its ``build`` reads), then every
-    rendering and the sidecar (``formats.write``; ``out`` also names the ``csv``)."""
+    rendering and the sidecar (``views.render``; ``out`` also names the ``csv``)."""
     frame = TABLES[name].build([Path(p) for p in inputs])
     write_text(out.csv, frame.to_csv(index=False))
-    formats.write(frame, out.csv, out, title, about, provenance)
-    return frame
+    return views.render(name, out.csv, out, title, about, provenance, frame)

@@ -29,6 +29,7 @@ RENDERED = dict(
         caption="../report/table.rst",
         category=lambda wildcards: TABLES[wildcards.table].category,
         subcategory="Tables",
+        labels=lambda wildcards: {"table": TABLES[wildcards.table].title},
     ),
     provenance=table_path("{table}", ".provenance.json"),
 )

@@ -18,7 +18,7 @@ import torch
 from docutils.core import publish_parts
 from safetensors import safe_open
 
-from actsparse import columns, formats, publish, tables
+from actsparse import columns, formats, publish, tables, views
 from actsparse.anatomy import model_summary
 from actsparse.models import load_model
 from actsparse.provenance import provenance
@@ -144,7 +144,7 @@ def test_an_earlier_table_is_published_in_every_format_with_its_provenance(tmp_p
     (tmp_path / "perplexity.csv").write_text(PERPLEXITY.to_csv(index=False))
     out = outputs(tmp_path, "perplexity")
     stamp = provenance({"sparsities": [0.5]}, device="cpu", seed=0)
-    formats.render(tmp_path / "perplexity.csv", out, "Perplexity", "One row per grid point.", stamp)
+    views.render("perplexity", tmp_path / "perplexity.csv", out, "Perplexity", "One row per grid point.", stamp)
     written = {suffix: Path(getattr(out, suffix)).read_bytes() for suffix in ("md", "tex", "html", "provenance")}
     assert_booktabs(written["tex"].decode(), len(PERPLEXITY.columns))
     sidecar = json.loads(written["provenance"])
@@ -152,7 +152,7 @@ def test_an_earlier_table_is_published_in_every_format_with_its_provenance(tmp_p
     assert "One row per grid point." in written["html"].decode()
     assert sidecar["csv_sha256"] == hashlib.sha256((tmp_path / "perplexity.csv").read_bytes()).hexdigest()
     assert not any(str(tmp_path).encode() in data for data in written.values())  # no absolute paths
-    formats.render(tmp_path / "perplexity.csv", out, "Perplexity", "One row per grid point.", stamp)
+    views.render("perplexity", tmp_path / "perplexity.csv", out, "Perplexity", "One row per grid point.", stamp)
     assert {s: Path(getattr(out, s)).read_bytes() for s in written} == written  # a rerun writes the same bytes
 
 
@@ -206,3 +206,43 @@ def test_safetensors_are_written_with_the_same_bytes_in_every_process(tmp_path):
         assert stored.metadata() == {key: f"value of {key}" for key in "abcdefghij"}
         assert torch.equal(stored.get_tensor("a"), torch.ones(2, 2))
         assert torch.equal(stored.get_tensor("b"), torch.arange(3.0))
+
+
+def test_the_html_view_shows_bytes_and_shares_in_human_units():
+    frame = pd.DataFrame({"layer": [0, 1], "bytes_fetched": [21700804608, 5_000_000], "dense_bytes": [999, 1500],
+                          "achieved_sparsity": [0.789, 0.5], "zero_fraction": [0.0001, 1.0], "ppl": [12.5, 1e5]})
+    shown = formats.human_cells(frame)
+    assert shown.values.tolist() == [["0", "21.7 GB", "999 B", "78.9%", "0.01%", "12.5"],
+                                     ["1", "5 MB", "1.5 kB", "50%", "100%", "100000"]]
+    page = formats.html_view(frame, "T", "about", provenance())
+    assert "<td>21.7 GB</td>" in page and "21700804608" not in page
+    assert formats.markdown(frame).count("21700804608") == 1  # the paper renderings keep the numbers
+
+
+def html_tables(page: str) -> list[list[list[str]]]:
+    """Every table of an HTML page as rows of cell texts (header row first)."""
+    return [[re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S)]
+            for table in re.findall(r"<table[^>]*>(.*?)</table>", page, re.S)]
+
+
+def test_a_long_table_shows_its_first_rows_and_says_so():
+    frame = pd.DataFrame({"layer": range(formats.HTML_ROWS + 5)})
+    page = formats.html_view(frame, "T", "about", provenance())
+    assert html_tables(page)[0] == [["layer"]] + [[str(n)] for n in range(formats.HTML_ROWS)]
+    assert f"First {formats.HTML_ROWS} of {formats.HTML_ROWS + 5} rows" in page
+    assert "First" not in formats.html_view(frame.head(3), "T", "about", provenance())
+
+
+def test_the_provenance_view_shows_what_files_share_once_and_only_their_differences():
+    stamps = [provenance({"k": 1}, device="cpu", seed=0) for _ in range(3)]
+    stamps[2]["packages"]["torch"] = "9.9"
+    stamps[1]["device"] = "cuda:0"
+    rows = pd.DataFrame([{"file": f"{n}.json", **{k: s[k] for k in columns.PROVENANCE[1:-1]},
+                          "packages": " ".join(f"{a}={b}" for a, b in s["packages"].items())}
+                         for n, s in enumerate(stamps)])
+    page = views.provenance_view(rows)
+    shared, differing = html_tables(page)
+    assert {row[0] for row in shared[1:]} == {"config_hash", "code_version", "seed", "python"} | (set(stamps[0]["packages"]) - {"torch"})
+    assert differing[0] == ["file", "device", "torch"]
+    assert [row[1] for row in differing[1:]] == ["cpu", "cuda:0", "cpu"]
+    assert differing[3][2] == "9.9" and page.count("numpy") == 1
