@@ -74,6 +74,12 @@ TABLES: dict[str, Table] = {
         "One row per model, method and target sparsity: the sparsity achieved on the evaluation text, the skippable "
         "share of FFN weight work, token and word perplexity. Method dense at 0.00 is the baseline.",
     ),
+    "layer_sparsity": Table(
+        "Perplexity", "Achieved sparsity per layer",
+        "One row per model, method, target sparsity, decoder layer and thresholded component: the share of that "
+        "component's activations zeroed on the evaluation text, as each perplexity result records it.",
+        build=tables.layer_sparsity,
+    ),
     "perplexity_wide": Table(
         "Perplexity", "Perplexity vs sparsity",
         "Perplexity per model and method (rows) and target sparsity (columns); column 0.00 is the dense baseline.",

@@ -3,6 +3,7 @@ import shutil
 from actsparse.methods import requirements
 
 from actsparse.config import check_config
+from actsparse.figures import drawn, figure_path
 
 
 # defaults from the schema, then every check that needs no model; in the order the files merge
@@ -95,7 +96,8 @@ def thresholds_of(wildcards):
 
 
 def final_targets():
-    return [
+    """Every table (the provenance table last) and the figures drawn from them."""
+    targets = [
         "results/tables/perplexity.csv",
         "results/figures/perplexity.png",
         "results/tables/downstream.csv",
@@ -108,6 +110,7 @@ def final_targets():
         "results/tables/prefetch.csv",
         "results/tables/provenance.csv",  # built last, from every table's sidecar (rules/report.smk)
     ] + (["results/tables/speed.csv"] if config["speed"]["methods"] else [])
+    return targets + [figure_path(name) for name in drawn(targets)]
 
 
 def uses_gpu():

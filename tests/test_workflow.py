@@ -115,8 +115,9 @@ def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
     return counts
 
 
-# a new perplexity table is rendered (render_table), and its wide layout and the provenance table rebuilt
-PERPLEXITY_PUBLISHED = {"perplexity_table": 1, "render_table": 1, "build_table": 2, "all": 1}
+# a new perplexity table is rendered (render_table); its wide layout, the per-layer sparsity table and the
+# provenance table rebuilt, and the per-layer sparsity figure redrawn
+PERPLEXITY_PUBLISHED = {"perplexity_table": 1, "render_table": 1, "build_table": 3, "draw_figure": 1, "all": 1}
 
 
 def test_changing_the_evaluation_window_reruns_perplexity_only(finished_run):
@@ -193,7 +194,8 @@ def test_report_builds_offline_with_every_table_and_figure(report):
     page = report.read_text()
     for name in PUBLISHED:
         assert f'"{name}.html"' in page, name
-    for figure in ("perplexity", "weights", "natural_sparsity", "activation_cdf"):
+    for figure in ("perplexity", "weights", "natural_sparsity", "activation_cdf", "layer_sparsity", "downstream",
+                   "pattern_match"):
         assert f'"{figure}.png"' in page, figure
     for category in {publish.TABLES[name].category for name in PUBLISHED}:
         assert category in page, category
