@@ -102,9 +102,15 @@ def html_view(frame: pd.DataFrame, title: str, about: str, provenance: dict, bod
 
 def table_view(frame: pd.DataFrame, limit: int = HTML_ROWS) -> str:
     """The table in human units, its first ``limit`` rows and a note saying so when it has more."""
-    shown = human_cells(frame.head(limit)).to_html(index=False, border=0, classes="data")
+    align = ["num" if numeric else "text" for numeric in _numeric(frame)]
+    head = "".join(f'<th class="{a}">{html.escape(str(c))}</th>' for a, c in zip(align, frame.columns))
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{a}">{html.escape(v)}</td>' for a, v in zip(align, row)) + "</tr>\n"
+        for row in human_cells(frame.head(limit)).itertuples(index=False)
+    )
     note = f"<p class=\"note\">First {limit} of {len(frame)} rows; the CSV beside this view has them all.</p>\n"
-    return f"{note if len(frame) > limit else ''}<div class=\"scroll\">{shown}</div>"
+    return (f"{note if len(frame) > limit else ''}<div class=\"scroll\"><table class=\"data\">"
+            f"<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody></table></div>")
 
 
 _STYLE = (
@@ -114,7 +120,7 @@ _STYLE = (
     ".scroll{overflow:auto;max-width:100%;max-height:80vh}"
     ".data thead th{position:sticky;top:0;background:#f4f4f4}"
     ".data td:first-child{position:sticky;left:0;background:#fff}"
-    ".note{color:#555}"
+    ".num{text-align:right}.text{text-align:left}.note{color:#555}"
     ".provenance th{text-align:left}"
 )
 

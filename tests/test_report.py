@@ -97,7 +97,7 @@ def test_markdown_and_html_show_the_same_cells_as_latex():
     shown = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert shown == cells.values.tolist()
     page = formats.html_view(SPECIALS, "T", "about", provenance({"a": 1}, seed=3))
-    assert "<td>12.35</td>" in page and "50% &amp; more" in page and provenance({"a": 1})["config_hash"] in page
+    assert '<td class="num">12.35</td>' in page and "50% &amp; more" in page and provenance({"a": 1})["config_hash"] in page
 
 
 PERPLEXITY = pd.DataFrame(
@@ -215,7 +215,7 @@ def test_the_html_view_shows_bytes_and_shares_in_human_units():
     assert shown.values.tolist() == [["0", "21.7 GB", "999 B", "78.9%", "0.01%", "12.5"],
                                      ["1", "5 MB", "1.5 kB", "50%", "100%", "100000"]]
     page = formats.html_view(frame, "T", "about", provenance())
-    assert "<td>21.7 GB</td>" in page and "21700804608" not in page
+    assert '<td class="num">21.7 GB</td>' in page and "21700804608" not in page
     assert formats.markdown(frame).count("21700804608") == 1  # the paper renderings keep the numbers
 
 
