@@ -34,7 +34,9 @@ def figure_path(name: str, suffix: str = ".png") -> str:
     return f"{FIGURE_DIR}/{name}{suffix}"
 
 
-def panels(keys: Sequence, title: str, cols: int = 3, width: float = 5.0, height: float = 3.8) -> tuple[Figure, list[Axes]]:
+def panels(
+    keys: Sequence, title: str, cols: int = 3, width: float = 5.0, height: float = 3.8
+) -> tuple[Figure, list[Axes]]:
     """A figure titled ``title`` with one panel per key, ``cols`` to a row."""
     cols = max(1, min(cols, len(keys)))
     figure = Figure(figsize=(max(7.0, width * cols), height * math.ceil(len(keys) / cols)), layout="constrained")
@@ -83,7 +85,8 @@ def downstream(frame: pd.DataFrame) -> Figure:
             ax.errorbar(curve.achieved_sparsity, curve.acc, yerr=curve.acc_stderr, marker="o", capsize=3, label=method)
         if len(dense):
             ax.axhline(dense.acc.iloc[0], **REFERENCE, label="dense")
-        size = f"mean of {len(set(frame.task)) - 1} tasks" if task == columns.AVERAGE_TASK else f"n = {int(rows.n.max())}"
+        average = task == columns.AVERAGE_TASK
+        size = f"mean of {len(set(frame.task)) - 1} tasks" if average else f"n = {int(rows.n.max())}"
         finish(ax, f"{model}: {task} ({size})", "achieved sparsity on the task's prompts", "accuracy")
     return figure
 

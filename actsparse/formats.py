@@ -3,10 +3,11 @@ written beside the CSV with a provenance sidecar.
 
 The CSV stays the source of truth; these renderings are for reading and pasting. All three show
 the same cells (``cells``: four significant digits, missing values blank), so a number in the
-paper's LaTeX is the number in the report; the HTML view (the report's) writes byte counts in
-MB/GB and shares as percentages (``human_cell``), and shows at most ``HTML_ROWS`` rows, so every
-view stays far below the 2 MB a browser accepts in the report's ``data:`` URLs. Plain pandas only (``to_markdown`` uses tabulate and
-``to_latex`` jinja2, both dependencies of snakemake), so rendering a table starts fast.
+paper's LaTeX is the number in the report. The HTML view (the report's) writes byte counts in
+MB/GB and shares as percentages (``human_cell``) and shows at most ``HTML_ROWS`` rows, so every
+view stays far below the 2 MB a browser accepts in the report's ``data:`` URLs. Plain pandas only
+(``to_markdown`` uses tabulate and ``to_latex`` jinja2, both dependencies of snakemake), so
+rendering a table starts fast.
 """
 
 from __future__ import annotations

@@ -221,8 +221,9 @@ def test_the_html_view_shows_bytes_and_shares_in_human_units():
 
 def html_tables(page: str) -> list[list[list[str]]]:
     """Every table of an HTML page as rows of cell texts (header row first)."""
-    return [[re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S)]
-            for table in re.findall(r"<table[^>]*>(.*?)</table>", page, re.S)]
+    tables = re.findall(r"<table[^>]*>(.*?)</table>", page, re.S)
+    rows = [re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S) for table in tables]
+    return [[re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S) for row in table] for table in rows]
 
 
 def test_a_long_table_shows_its_first_rows_and_says_so():
@@ -242,7 +243,8 @@ def test_the_provenance_view_shows_what_files_share_once_and_only_their_differen
                          for n, s in enumerate(stamps)])
     page = views.provenance_view(rows)
     shared, differing = html_tables(page)
-    assert {row[0] for row in shared[1:]} == {"config_hash", "code_version", "seed", "python"} | (set(stamps[0]["packages"]) - {"torch"})
+    packages = set(stamps[0]["packages"]) - {"torch"}
+    assert {row[0] for row in shared[1:]} == {"config_hash", "code_version", "seed", "python"} | packages
     assert differing[0] == ["file", "device", "torch"]
     assert [row[1] for row in differing[1:]] == ["cpu", "cuda:0", "cpu"]
     assert differing[3][2] == "9.9" and page.count("numpy") == 1
