@@ -87,8 +87,9 @@ TABLES: dict[str, Table] = {
     ),
     "downstream": Table(
         "Downstream tasks", "Zero-shot accuracy per task",
-        "acc and acc_norm per model, method, target sparsity and task over n documents, acc_stderr the standard "
-        "error of acc (lm-eval's); task average is the mean over the tasks, its stderr that of the mean.",
+        "acc and acc_norm per model, method, target sparsity and task over n documents; acc_stderr, beside acc in "
+        "this view, is the standard error of acc as lm-eval reports it. Task average is the mean over the tasks, "
+        "its standard error that of the mean.",
     ),
     "downstream_wide": Table(
         "Downstream tasks", "Zero-shot accuracy, CHESS layout",
