@@ -4,6 +4,9 @@ PERPLEXITY = ("model", "method", "target_sparsity", "achieved_sparsity", "skippe
 DOWNSTREAM = ("model", "method", "target_sparsity", "task", "acc", "acc_stderr", "acc_norm", "n", "achieved_sparsity",
               "skipped_ffn_params")
 AVERAGE_TASK = "average"  # the task label of the 8-task mean row of each (model, method, sparsity)
+# per (layer, component) sparsity a ppl result records (its layer_sparsity), one row each
+LAYER_SPARSITY = ("model", "method", "target_sparsity", "layer", "component", "achieved_sparsity")
+ACC_STDERR = "acc_stderr"  # lm-eval's standard error of acc: sqrt(var(ddof=1) / n) over the documents
 SPEED = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup")
 # the paper layouts (actsparse.publish); their value columns follow the data (sparsity levels, tasks)
 MODELS = ("model", "family", "activation", "parameters", "layers", "ffn_share")  # the seed paper's Table I
@@ -30,6 +33,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "perplexity_at_budget": PERPLEXITY_AT_BUDGET[:3],
     "downstream": DOWNSTREAM[:4],
     "downstream_wide": DOWNSTREAM_WIDE_KEYS,
+    "layer_sparsity": LAYER_SPARSITY[:5],
     "weights": ("model", "matrix", "bin_low", "bin_high"),
     "weight_zeros": ("model", "matrix"),
     "natural_sparsity": ("model", "layer", "component"),

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from actsparse import corpora, hooks, methods, models, patterns, sparsifier, stages, tables
 from actsparse.anatomy import anatomy_of, decoder_layers
@@ -245,7 +246,7 @@ def ranked_samples(table: pd.DataFrame, strategy: str, similarity: float) -> tup
     return int(means.idxmax()), int(means.idxmin())
 
 
-def plot_heatmaps(study: MatchStudy, strategy: str, png: Path) -> None:
+def plot_heatmaps(study: MatchStudy, strategy: str, png: Path) -> Figure:
     """Figs 9-12: the ``TILE`` (neurons x tokens) of original and lowest-similarity variant at the
     heatmap layers, for the best and the worst sample. Black = active."""
     lowest = float(study.table["similarity"].min())
@@ -263,9 +264,14 @@ def plot_heatmaps(study: MatchStudy, strategy: str, png: Path) -> None:
         axes[row, 0].set_ylabel("neuron")
     for ax in axes[-1]:
         ax.set_xlabel("token")
-    figure.suptitle(f"activation patterns, {strategy} edits")
-    figure.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.05, hspace=0.35, wspace=0.1)
+    figure.suptitle(f"Activation patterns, {strategy} edits\n"
+                    f"the first {TILE[0]} tokens and FFN neurons 0-{TILE[1] - 1} of each layer", y=0.99)
+    figure.legend(handles=[Patch(facecolor="black", label="active neuron"),
+                           Patch(facecolor="white", edgecolor="grey", label="inactive neuron")],
+                  loc="upper center", bbox_to_anchor=(0.5, 0.945), ncols=2, fontsize=8, frameon=False)
+    figure.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.05, hspace=0.35, wspace=0.1)
     tables.save_figure(figure, png)
+    return figure
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,22 +3,25 @@
 ``TABLES`` is the one place that names the tables of ``results/tables/``: each table's report
 category, title and description and, for the tables this stage builds (the paper layouts and the
 provenance table), what they are built from. An earlier rule's table is rendered
-(``formats.render``) when the workflow targets its CSV, so a new table is one entry here.
+(``views.render``) when the workflow targets its CSV, so a new table is one entry here.
 
 Beside every CSV (the source of truth, read by a plain ``pd.read_csv``) this stage writes
 ``{name}.md``, ``{name}.tex`` (booktabs), ``{name}.html`` (the view the Snakemake report shows)
 and ``{name}.provenance.json``: the provenance of the job that wrote these files and the SHA-256
 of the CSV they show. No timestamps and no absolute paths, so a rerun writes identical bytes.
 
-Every rule parse imports this module (``TABLES``), so it imports only light modules: each table's
-builder is named, not imported, and is imported by the job that builds the table.
+``FIGURES`` likewise names the figures drawn from those tables (``actsparse.figures`` draws them).
+
+Every rule parse imports this module (``TABLES``, ``FIGURES``), so it imports only light modules:
+each table's builder and figure's drawing function is named, not imported, and is imported by
+the job that builds the table or draws the figure.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +29,16 @@ from actsparse import columns
 from actsparse.provenance import write_text
 
 TABLE_DIR = "results/tables"
+FIGURE_DIR = "results/figures"
 MODEL_DIR = "results/models/{model}"
 
 
 def table_path(name: str, suffix: str = ".csv") -> str:
     return f"{TABLE_DIR}/{name}{suffix}"
+
+
+def figure_path(name: str, suffix: str = ".png") -> str:
+    return f"{FIGURE_DIR}/{name}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,12 @@ TABLES: dict[str, Table] = {
         "One row per model, method and target sparsity: the sparsity achieved on the evaluation text, the skippable "
         "share of FFN weight work, token and word perplexity. Method dense at 0.00 is the baseline.",
     ),
+    "layer_sparsity": Table(
+        "Perplexity", "Achieved sparsity per layer",
+        "One row per model, method, target sparsity, decoder layer and thresholded component: the share of that "
+        "component's activations zeroed on the evaluation text, as each perplexity result records it.",
+        build="actsparse.tables:layer_sparsity",
+    ),
     "perplexity_wide": Table(
         "Perplexity", "Perplexity vs sparsity",
         "Perplexity per model and method (rows) and target sparsity (columns); column 0.00 is the dense baseline.",
@@ -90,8 +104,9 @@ TABLES: dict[str, Table] = {
     ),
     "downstream": Table(
         "Downstream tasks", "Zero-shot accuracy per task",
-        "acc, its standard error (as lm-eval computes it) and acc_norm per model, method, target sparsity and task; "
-        "task average is the mean over the tasks, its acc_stderr that of the mean of independent tasks.",
+        "acc and acc_norm per model, method, target sparsity and task over n documents; acc_stderr, beside acc in "
+        "this view, is the standard error of acc as lm-eval reports it. Task average is the mean over the tasks, "
+        "its standard error that of the mean.",
     ),
     "downstream_wide": Table(
         "Downstream tasks", "Zero-shot accuracy, CHESS layout",
@@ -146,22 +161,69 @@ TABLES: dict[str, Table] = {
 }
 
 
-def builder(name: str):
-    """The function that builds table ``name``'s frame, imported now."""
-    module, function = TABLES[name].build.split(":")
+@dataclass(frozen=True)
+class Chart:
+    category: str  # the section of the Snakemake report that shows it
+    title: str
+    about: str  # the caption (plain text: the report reads it as reST)
+    tables: tuple[str, ...]  # what it is drawn from, in the order ``draw`` takes them
+    draw: str  # "module:function" drawing the figure from those tables' frames
+
+
+FIGURES: dict[str, Chart] = {
+    "layer_sparsity": Chart(
+        "Perplexity", "Achieved sparsity per layer",
+        "Sparsity each method achieves per decoder layer on the evaluation text (unweighted mean over the components "
+        "it thresholds), one panel per model and target level; the dotted line is the target. Numbers: table "
+        "Achieved sparsity per layer.",
+        ("layer_sparsity",), "actsparse.figures:layer_sparsity",
+    ),
+    "downstream": Chart(
+        "Downstream tasks", "Zero-shot accuracy vs sparsity",
+        "Accuracy per task and their average against the sparsity achieved on the task's prompts (which differs "
+        "from the target and from the perplexity text's). Error bars: the standard error of the accuracy, "
+        "sqrt(var/n) over the n documents as lm-eval reports it; for the average, that of the mean of the tasks. "
+        "The dotted line is the dense model. Numbers: table Zero-shot accuracy per task.",
+        ("downstream",), "actsparse.figures:downstream",
+    ),
+    "speed": Chart(
+        "Decoding speed", "Speedup vs sparsity",
+        "Batch-1 greedy decoding tokens per second with sparse FFN kernels over the dense model's, per method and "
+        "target sparsity; the dotted line is dense speed. Numbers: table Decoding speed.",
+        ("speed",), "actsparse.figures:speedup",
+    ),
+    "pattern_match": Chart(
+        "Activation patterns", "Table II: match rate vs similarity",
+        "Agreement of the active FFN neurons of a sample and its edited variants against the variant's nominal "
+        "similarity, mean over samples, per match metric; a colour per layer (first, L/3, 2L/3, last), a line style "
+        "per edit strategy. Numbers: table Table II: pattern match vs similarity.",
+        ("pattern_match_table_ii",), "actsparse.figures:match_rates",
+    ),
+}
+
+
+def drawn(targeted: Collection[str]) -> list[str]:
+    """The figures the workflow draws: those whose every table it publishes (a table of this
+    stage always, an earlier rule's when ``targeted`` names its CSV)."""
+    return [name for name, chart in FIGURES.items()
+            if all(TABLES[t].build is not None or table_path(t) in targeted for t in chart.tables)]
+
+
+def named_function(name: str):
+    """The function a ``"module:function"`` name names, its module imported now."""
+    module, function = name.split(":")
     return getattr(importlib.import_module(module), function)
 
 
 def build_table(name: str, inputs: Sequence[Path], out, title: str, about: str, provenance: dict):
     """A table this stage builds: its CSV from ``inputs`` (what its ``build`` reads), then every
-    rendering and the sidecar (``formats.write``; ``out`` also names the ``csv``)."""
+    rendering and the sidecar (``views.render``; ``out`` also names the ``csv``)."""
     import pandas as pd
 
-    from actsparse import formats
+    from actsparse import views
 
     paths = [Path(p) for p in inputs]
-    build = builder(name)
+    build = named_function(TABLES[name].build)
     frame = build(pd.read_csv(paths[0], float_precision="round_trip")) if TABLES[name].layout else build(paths)
     write_text(out.csv, frame.to_csv(index=False))
-    formats.write(frame, out.csv, out, title, about, provenance)
-    return frame
+    return views.render(name, out.csv, out, title, about, provenance, frame)

@@ -6,7 +6,6 @@ be run and tested without Snakemake.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager

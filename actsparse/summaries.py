@@ -194,21 +194,30 @@ def plot_weight_histogram(histogram: pd.DataFrame, paths: Sequence[str | os.Path
     _save(figure, paths)
 
 
-def plot_natural_sparsity(sparsity: pd.DataFrame, paths: Sequence[str | os.PathLike]) -> None:
-    """Figs 3 and 4: per-layer zero fraction, one bar per component, one panel per model."""
+def plot_natural_sparsity(sparsity: pd.DataFrame, paths: Sequence[str | os.PathLike]) -> Figure:
+    """Figs 3 and 4: per-layer zero fraction, one line per component, one panel per model, on a
+    log axis: a SwiGLU model's exact zeros are rare (a linear axis shows one bar), a ReLU model's
+    common. A layer without exact zeros has no point; the legend says in how many layers that is."""
     models = list(dict.fromkeys(sparsity["model"]))
     figure, axes = _figure(len(models), 1, width=10.0)
     for ax, model in zip(axes[:, 0], models):
         rows = sparsity[sparsity["model"] == model]
-        components = _ordered_components(rows)
-        width = 0.8 / len(components)
-        for n, component in enumerate(components):
-            part = rows[rows["component"] == component]
-            ax.bar(part["layer"] + (n - (len(components) - 1) / 2) * width, 100 * part["zero_fraction"],
-                   width=width, label=component)
-        ax.set(title=f"{model}: natural activation sparsity", xlabel="layer", ylabel="exact zeros (%)")
-        ax.legend(fontsize="small", ncols=min(len(components), 4))
+        for component in _ordered_components(rows):
+            part = rows[rows["component"] == component].sort_values("layer")
+            share = 100 * part["zero_fraction"].where(part["zero_fraction"] > 0)
+            none = int(share.isna().sum())
+            ax.plot(part["layer"], share, marker="o", label=component + (f" (no zeros in {none} layers)" if none else ""))
+        ax.set(title=f"{model}: natural activation sparsity", xlabel="layer", ylabel="exact zeros (%, log scale)")
+        if not (rows["zero_fraction"] > 0).any():
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"no exact zeros in any of the {rows['layer'].nunique()} layers of "
+                    f"{', '.join(_ordered_components(rows))}", transform=ax.transAxes, ha="center")
+            continue
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small", ncols=min(len(_ordered_components(rows)), 3))
     _save(figure, paths)
+    return figure
 
 
 def plot_activation_cdf(cdf: pd.DataFrame, paths: Sequence[str | os.PathLike]) -> None:

@@ -62,6 +62,19 @@ def downstream(paths: Sequence[Path]) -> pd.DataFrame:
     return table.sort_values(keys + ["is_average", "task"]).drop(columns="is_average").reset_index(drop=True)
 
 
+def layer_sparsity(paths: Sequence[Path]) -> pd.DataFrame:
+    """The per-layer sparsity every ppl result records (``layers.{i}.{component}`` keys), one row
+    per (model, method, target sparsity, layer, component); the dense baseline has none."""
+    rows = []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        for key, sparsity in result["layer_sparsity"].items():
+            _, layer, component = key.split(".", 2)
+            rows.append([*(result[k] for k in columns.LAYER_SPARSITY[:3]), int(layer), component, sparsity])
+    frame = pd.DataFrame(rows, columns=list(columns.LAYER_SPARSITY))
+    return frame.sort_values(list(columns.LAYER_SPARSITY[:5]), ignore_index=True)
+
+
 def perplexity_wide(frame: pd.DataFrame) -> pd.DataFrame:
     """The perplexity table as papers print it: rows (model, method), one ppl column per target
     sparsity (labelled with two decimals, as in paths), ``0.00`` being the dense baseline."""

@@ -53,18 +53,21 @@ rule stats_tables:
             caption="../report/figures/weights.rst",
             category="Weights and activations",
             subcategory="Figures",
+            labels={"figure": "Weight magnitudes"},
         ),
         sparsity_figure=report(
             "results/figures/natural_sparsity.png",
             caption="../report/figures/natural_sparsity.rst",
             category="Weights and activations",
             subcategory="Figures",
+            labels={"figure": "Natural activation sparsity"},
         ),
         cdf_figure=report(
             "results/figures/activation_cdf.png",
             caption="../report/figures/activation_cdf.rst",
             category="Weights and activations",
             subcategory="Figures",
+            labels={"figure": "Activation magnitude CDFs"},
         ),
         pdfs=multiext("results/figures/", "weights.pdf", "natural_sparsity.pdf", "activation_cdf.pdf"),
     params:

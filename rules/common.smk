@@ -3,6 +3,7 @@ import shutil
 from actsparse.registry import configured, options, requirements
 
 from actsparse.config import check_config
+from actsparse.publish import drawn, figure_path
 
 
 def config_files():
@@ -138,7 +139,8 @@ def thresholds_of(wildcards):
 
 
 def final_targets():
-    return [
+    """Every table (the provenance table last) and the figures drawn from them."""
+    targets = [
         "results/tables/perplexity.csv",
         "results/figures/perplexity.png",
         "results/figures/perplexity_cost.png",
@@ -152,6 +154,7 @@ def final_targets():
         "results/tables/prefetch.csv",
         "results/tables/provenance.csv",  # built last, from every table's sidecar (rules/report.smk)
     ] + (["results/tables/speed.csv"] if config["speed"]["methods"] else [])
+    return targets + [figure_path(name) for name in drawn(targets)]
 
 
 def uses_gpu():

@@ -12,8 +12,14 @@ rule pattern_match:
         table="results/patterns/{model}/match.csv",
         summary="results/patterns/{model}/match.json",
         heatmaps=[
-            report(png, caption="../report/figures/heatmaps.rst", category="Activation patterns", subcategory="{model}")
-            for png in expand("results/figures/patterns/{{model}}/heatmaps_{strategy}.png", strategy=PATTERNS["strategies"])
+            report(
+                f"results/figures/patterns/{{model}}/heatmaps_{strategy}.png",
+                caption="../report/figures/heatmaps.rst",
+                category="Activation patterns",
+                subcategory="{model}",
+                labels={"figure": f"Activation patterns, {strategy} edits"},
+            )
+            for strategy in PATTERNS["strategies"]
         ],
         heatmaps_pdf=expand("results/figures/patterns/{{model}}/heatmaps_{strategy}.pdf", strategy=PATTERNS["strategies"]),
     params:
@@ -52,6 +58,7 @@ rule pattern_predictor:
             caption="../report/figures/prefetch.rst",
             category="Activation patterns",
             subcategory="{model}",
+            labels={"figure": "Prefetch simulation"},
         ),
         figure_pdf="results/figures/patterns/{model}/prefetch.pdf",
     params:

@@ -34,6 +34,7 @@ rule perplexity_table:
             caption="../report/figures/perplexity.rst",
             category="Perplexity",
             subcategory="Figures",
+            labels={"figure": "Perplexity vs sparsity"},
         ),
         figure_pdf="results/figures/perplexity.pdf",
         cost=report(

@@ -22,7 +22,7 @@ import torch
 from docutils.core import publish_parts
 from safetensors import safe_open
 
-from actsparse import columns, formats, publish, tables
+from actsparse import columns, formats, publish, tables, views
 from actsparse.anatomy import model_summary
 from actsparse.models import load_model
 from actsparse.provenance import CHECKSUM, provenance
@@ -102,7 +102,7 @@ def test_markdown_and_html_show_the_same_cells_as_latex():
     shown = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert shown == cells.values.tolist()
     page = formats.html_view(SPECIALS, "T", "about", provenance({"a": 1}, seed=3))
-    assert "<td>12.35</td>" in page and "50% &amp; more" in page and provenance({"a": 1})["config_hash"] in page
+    assert '<td class="num">12.35</td>' in page and "50% &amp; more" in page and provenance({"a": 1})["config_hash"] in page
 
 
 PERPLEXITY = pd.DataFrame(
@@ -197,7 +197,7 @@ def test_an_earlier_table_is_published_in_every_format_with_its_provenance(tmp_p
     (tmp_path / "perplexity.csv").write_text(PERPLEXITY.to_csv(index=False))
     out = outputs(tmp_path, "perplexity")
     stamp = provenance({"sparsities": [0.5]}, device="cpu", seed=0)
-    formats.render(tmp_path / "perplexity.csv", out, "Perplexity", "One row per grid point.", stamp)
+    views.render("perplexity", tmp_path / "perplexity.csv", out, "Perplexity", "One row per grid point.", stamp)
     written = {suffix: Path(getattr(out, suffix)).read_bytes() for suffix in ("md", "tex", "html", "provenance")}
     assert_booktabs(written["tex"].decode(), len(PERPLEXITY.columns))
     sidecar = json.loads(written["provenance"])
@@ -205,7 +205,7 @@ def test_an_earlier_table_is_published_in_every_format_with_its_provenance(tmp_p
     assert "One row per grid point." in written["html"].decode()
     assert sidecar["csv_sha256"] == hashlib.sha256((tmp_path / "perplexity.csv").read_bytes()).hexdigest()
     assert not any(str(tmp_path).encode() in data for data in written.values())  # no absolute paths
-    formats.render(tmp_path / "perplexity.csv", out, "Perplexity", "One row per grid point.", stamp)
+    views.render("perplexity", tmp_path / "perplexity.csv", out, "Perplexity", "One row per grid point.", stamp)
     assert {s: Path(getattr(out, s)).read_bytes() for s in written} == written  # a rerun writes the same bytes
 
 
@@ -267,3 +267,45 @@ def test_what_the_rules_import_at_parse_time_imports_no_heavy_package():
             "print(sorted(m for m in ('pandas', 'matplotlib', 'transformers', 'torch', 'zarr', 'h5py') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
+
+
+def test_the_html_view_shows_bytes_and_shares_in_human_units():
+    frame = pd.DataFrame({"layer": [0, 1], "bytes_fetched": [21700804608, 5_000_000], "dense_bytes": [999, 1500],
+                          "achieved_sparsity": [0.789, 0.5], "zero_fraction": [0.0001, 1.0], "ppl": [12.5, 1e5]})
+    shown = formats.human_cells(frame)
+    assert shown.values.tolist() == [["0", "21.7 GB", "999 B", "78.9%", "0.01%", "12.5"],
+                                     ["1", "5 MB", "1.5 kB", "50%", "100%", "100000"]]
+    page = formats.html_view(frame, "T", "about", provenance())
+    assert '<td class="num">21.7 GB</td>' in page and "21700804608" not in page
+    assert formats.markdown(frame).count("21700804608") == 1  # the paper renderings keep the numbers
+
+
+def html_tables(page: str) -> list[list[list[str]]]:
+    """Every table of an HTML page as rows of cell texts (header row first)."""
+    tables = re.findall(r"<table[^>]*>(.*?)</table>", page, re.S)
+    rows = [re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S) for table in tables]
+    return [[re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S) for row in table] for table in rows]
+
+
+def test_a_long_table_shows_its_first_rows_and_says_so():
+    frame = pd.DataFrame({"layer": range(formats.HTML_ROWS + 5)})
+    page = formats.html_view(frame, "T", "about", provenance())
+    assert html_tables(page)[0] == [["layer"]] + [[str(n)] for n in range(formats.HTML_ROWS)]
+    assert f"First {formats.HTML_ROWS} of {formats.HTML_ROWS + 5} rows" in page
+    assert "First" not in formats.html_view(frame.head(3), "T", "about", provenance())
+
+
+def test_the_provenance_view_shows_what_files_share_once_and_only_their_differences():
+    stamps = [provenance({"k": 1}, device="cpu", seed=0) for _ in range(3)]
+    stamps[2]["packages"]["torch"] = "9.9"
+    stamps[1]["device"] = "cuda:0"
+    rows = pd.DataFrame([{"file": f"{n}.json", **{k: s[k] for k in columns.PROVENANCE[1:-1]},
+                          "packages": " ".join(f"{a}={b}" for a, b in s["packages"].items())}
+                         for n, s in enumerate(stamps)])
+    page = views.provenance_view(rows)
+    shared, differing = html_tables(page)
+    packages = set(stamps[0]["packages"]) - {"torch"}
+    assert {row[0] for row in shared[1:]} == {"config_hash", "code_version", "seed", "python"} | packages
+    assert differing[0] == ["file", "device", "torch"]
+    assert [row[1] for row in differing[1:]] == ["cpu", "cuda:0", "cpu"]
+    assert differing[3][2] == "9.9" and page.count("numpy") == 1

@@ -18,7 +18,9 @@ from actsparse import columns, publish
 from actsparse.anatomy import model_summary
 from actsparse.cli import main
 from actsparse.models import load_model
+import browser
 from conftest import REPO
+from test_report_browser import chromium
 from test_report import assert_booktabs
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
@@ -114,8 +116,9 @@ def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
     return counts
 
 
-# a new perplexity table is rendered (render_table), and its two layouts and the provenance table rebuilt
-PERPLEXITY_PUBLISHED = {"perplexity_table": 1, "render_table": 1, "build_table": 3, "all": 1}
+# a new perplexity table is rendered (render_table); its two layouts, the per-layer sparsity table and the
+# provenance table rebuilt, and the per-layer sparsity figure redrawn
+PERPLEXITY_PUBLISHED = {"perplexity_table": 1, "render_table": 1, "build_table": 4, "draw_figure": 1, "all": 1}
 
 
 def test_changing_the_evaluation_window_reruns_perplexity_only(finished_run):
@@ -180,17 +183,32 @@ def test_paper_layouts_of_the_tiny_run(finished_run):
     assert 0.3 < downstream.activated_ffn_params[0] < 0.8 and downstream.activated_ffn_params[1] > 0.99
 
 
-def test_report_builds_offline_with_every_table_and_figure(finished_run):
+@pytest.fixture(scope="module")
+def report(finished_run) -> Path:
     out = finished_run / "report.html"
     run = snakemake(finished_run, tiny_config(), "--report", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
-    page = out.read_text()
+    return out
+
+
+def test_report_builds_offline_with_every_table_and_figure(report):
+    page = report.read_text()
     for name in PUBLISHED:
         assert f'"{name}.html"' in page, name
-    for figure in ("perplexity", "perplexity_cost", "weights", "natural_sparsity", "activation_cdf"):
+    for figure in ("perplexity", "perplexity_cost", "weights", "natural_sparsity", "activation_cdf", "layer_sparsity",
+                   "downstream", "pattern_match"):
         assert f'"{figure}.png"' in page, figure
     for category in {publish.TABLES[name].category for name in PUBLISHED}:
         assert category in page, category
+
+
+def test_every_table_and_figure_of_the_report_shows_in_chromium(finished_run, report):
+    shown = {Path(s.path): s for s in browser.shown_results(report, chromium())}
+    figures = {p.relative_to(finished_run) for p in (finished_run / "results/figures").rglob("*.png")}
+    views = {Path(publish.table_path(name, ".html")) for name in PUBLISHED}
+    assert set(shown) == figures | views  # none missing
+    assert [str(path) for path, s in shown.items() if s.blank] == []
+    assert [str(path) for path, s in shown.items() if not s.labels] == []  # the navigation names each one
 
 
 # what a second run must reproduce byte for byte: thresholds and every result and table (logs and

@@ -1,5 +1,7 @@
-from actsparse import formats
+from actsparse import views
 from actsparse.runtime import job
 
 with job(snakemake) as ctx:
-    formats.render(snakemake.input[0], snakemake.output, provenance=ctx.provenance, **snakemake.params)
+    views.render(
+        snakemake.wildcards.table, snakemake.input[0], snakemake.output, provenance=ctx.provenance, **snakemake.params
+    )
