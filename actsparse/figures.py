@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from actsparse import columns, tables, views
+from actsparse import columns, tables
 from actsparse.provenance import write_figure
 from actsparse.publish import FIGURES, named_function
 
@@ -68,7 +68,6 @@ def downstream(frame: pd.DataFrame) -> Figure:
     """Accuracy against the sparsity achieved on the task's prompts, with lm-eval's standard
     error as error bars, one panel per model and task (and their average), one line per method
     from the dense baseline, the dense accuracy dotted."""
-    frame = views.with_acc_stderr(frame)
     keys = list(frame[["model", "task"]].drop_duplicates().itertuples(index=False, name=None))
     figure, axes = panels(keys, "Zero-shot accuracy vs achieved sparsity (error bars: standard error)")
     for ax, (model, task) in zip(axes, keys):

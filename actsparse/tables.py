@@ -42,11 +42,15 @@ def stderr_of_mean(stderrs: pd.Series) -> float:
 
 
 def downstream(paths: Sequence[Path]) -> pd.DataFrame:
-    """Per-task rows plus, per (model, method, sparsity), the mean over tasks as task "average".
+    """Per-task rows plus, per (model, method, sparsity), the mean over tasks as task "average"."""
+    return with_task_average(collect_results(paths, columns.DOWNSTREAM))
+
+
+def with_task_average(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-task rows (``columns.DOWNSTREAM``) and their mean per (model, method, sparsity).
 
     ``acc_stderr`` of a task is the harness's (``tasks.summarize``: the sample standard deviation
     of the per-example hits over sqrt(n)); of the average, ``stderr_of_mean`` of the tasks'."""
-    frame = collect_results(paths, columns.DOWNSTREAM)
     keys = ["model", "method", "target_sparsity"]
     average = frame.groupby(keys, as_index=False).agg(
         acc=("acc", "mean"),

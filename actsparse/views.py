@@ -18,22 +18,6 @@ import pandas as pd
 from actsparse import columns, formats
 
 
-def with_acc_stderr(frame: pd.DataFrame) -> pd.DataFrame:
-    """The downstream table with ``acc_stderr`` (its own column when it has one): lm-eval's
-    sqrt(var(ddof=1) / n) of the n per-document 0/1 accuracies, which is sqrt(acc (1 - acc) / (n - 1));
-    for a task average, the standard error of the mean of its k tasks, sqrt(sum stderr^2) / k."""
-    if columns.ACC_STDERR in frame.columns:
-        return frame
-    keys = list(columns.DOWNSTREAM_WIDE_KEYS)
-    tasks = frame.task != columns.AVERAGE_TASK
-    stderr = (frame.acc * (1 - frame.acc) / (frame.n - 1)) ** 0.5
-    out = frame.assign(**{columns.ACC_STDERR: stderr.where(tasks)})
-    of_mean = out[tasks].groupby(keys)[columns.ACC_STDERR].agg(lambda s: (s**2).sum() ** 0.5 / len(s))
-    averages = pd.MultiIndex.from_frame(out.loc[~tasks, keys])
-    out.loc[~tasks, columns.ACC_STDERR] = of_mean.reindex(averages).to_numpy()
-    return out
-
-
 def provenance_view(rows: pd.DataFrame) -> str:
     """The provenance table read at a glance: what every file shares, once (each package its own
     line), then only the columns in which files differ, per file."""
@@ -51,7 +35,6 @@ def provenance_view(rows: pd.DataFrame) -> str:
 
 def downstream_view(frame: pd.DataFrame) -> str:
     """The downstream table with each accuracy's standard error and document count beside it."""
-    frame = with_acc_stderr(frame)
     first = ["model", "method", "target_sparsity", "task", "acc", columns.ACC_STDERR, "n"]
     return formats.table_view(frame[first + [c for c in frame.columns if c not in first]])
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from actsparse import columns, figures, pattern_study, publish, tables, views
+from actsparse import columns, figures, pattern_study, publish, tables
 from actsparse.summaries import plot_natural_sparsity
 
 RNG = np.random.default_rng(0)
@@ -32,16 +32,15 @@ def panel(figure, title_start: str):
 
 
 def downstream_example() -> tuple[pd.DataFrame, dict]:
-    """A downstream table from per-document 0/1 accuracies, and those accuracies."""
+    """A downstream table from per-document 0/1 accuracies (each task's acc_stderr lm-eval's,
+    sqrt(var(ddof=1) / n)), and those accuracies."""
     correct, rows = {}, []
     for method, sparsity in GRID:
         for n, task in zip((40, 25), TASKS):
-            correct[method, sparsity, task] = RNG.random(n) < 0.6 - sparsity / 3
-            acc = correct[method, sparsity, task].mean()
-            rows.append(("m", method, sparsity, task, acc, acc, n, sparsity + 0.05, sparsity * 0.8))
-    frame = pd.DataFrame(rows, columns=list(columns.DOWNSTREAM))
-    average = frame.groupby(list(columns.DOWNSTREAM_WIDE_KEYS), as_index=False).mean(numeric_only=True)
-    return pd.concat([frame, average.assign(task=columns.AVERAGE_TASK)], ignore_index=True), correct
+            hits = correct[method, sparsity, task] = RNG.random(n) < 0.6 - sparsity / 3
+            rows.append(("m", method, sparsity, task, hits.mean(), np.sqrt(hits.var(ddof=1) / n), hits.mean(), n,
+                         sparsity + 0.05, sparsity * 0.8))
+    return tables.with_task_average(pd.DataFrame(rows, columns=list(columns.DOWNSTREAM))), correct
 
 
 def error_bars(ax, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,7 +73,6 @@ def test_downstream_error_bars_are_lm_evals_standard_error(tmp_path):
 def test_a_tables_own_stderr_column_is_plotted_as_it_is():
     frame, _ = downstream_example()
     frame[columns.ACC_STDERR] = 0.01 * np.arange(len(frame))
-    assert views.with_acc_stderr(frame) is frame
     _, _, half = error_bars(panel(figures.downstream(frame), "m: piqa"), "teal")
     piqa = frame[frame.task == "piqa"].set_index("method")[columns.ACC_STDERR]
     assert half == pytest.approx([piqa["dense"], piqa["teal"]])
