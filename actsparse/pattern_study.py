@@ -39,8 +39,8 @@ PREDICTOR = ("model", "features", "source_layer", "target_layer", "precision", "
              "train_tokens", "eval_tokens", "predictor_params", "params_fraction", "flops_fraction")
 PREFETCH = ("model", "features", "source_layer", "layer", "budget_fraction", "recall", "precision", "bytes_fetched",
             "dense_bytes", "late_bytes")
-LATENCY = ("model", "hardware", "features", "budget_fraction", "bandwidth_gbs", "compute_gflops", "bytes_per_weight",
-           "dense_ms", "oracle_ms", "time_ms", "saving_recovered")
+LATENCY = ("model", "hardware", "features", "budget_fraction", "bandwidth_gbs", "miss_bandwidth_gbs", "compute_gflops",
+           "bytes_per_weight", "dense_ms", "oracle_ms", "time_ms", "saving_recovered")
 RANKING_METRIC = "paper_match_rate"  # best / worst sample for the heatmaps, as the paper ranks its samples
 TILE = (64, 64)  # tokens x neurons: paper_match_rate's window, and the heatmaps show exactly that tile
 

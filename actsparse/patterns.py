@@ -581,19 +581,26 @@ def prefetch_table(
 class Hardware:
     """Where the FFN weights are fetched from and how fast they are used.
 
-    ``bandwidth_gbs``: weight-fetch bandwidth (GB/s, 1e9 bytes) from the slow memory that holds
-    the weights (flash on a phone, DRAM behind a CPU's cache); ``compute_gflops``: the rate at
-    which fetched rows are multiplied (GFLOP/s); ``bytes_per_weight``: the stored weight format.
-    The defaults and their sources are in ``config/schema/config.schema.yaml`` and the README.
+    ``bandwidth_gbs``: weight-fetch bandwidth (GB/s, 1e9 bytes) of prefetching from the slow
+    memory that holds the weights (flash on a phone, DRAM behind a CPU's cache): rows known
+    ahead are read in bulk. ``miss_bandwidth_gbs``: the rate of on-demand reads of missed rows,
+    which are found late and read row by row with little to overlap them, so slower.
+    ``compute_gflops``: the rate at which held rows are multiplied (GFLOP/s);
+    ``bytes_per_weight``: the stored weight format. The defaults and their sources are in
+    ``config/schema/config.schema.yaml`` and the README.
     """
 
     name: str
     bandwidth_gbs: float
+    miss_bandwidth_gbs: float
     compute_gflops: float
     bytes_per_weight: float
 
     def fetch_seconds(self, weights: float) -> float:
         return weights * self.bytes_per_weight / (self.bandwidth_gbs * 1e9)
+
+    def miss_seconds(self, weights: float) -> float:
+        return weights * self.bytes_per_weight / (self.miss_bandwidth_gbs * 1e9)
 
     def compute_seconds(self, weights: float) -> float:
         return 2.0 * weights / (self.compute_gflops * 1e9)  # one multiply-add per weight
@@ -608,14 +615,14 @@ def ffn_seconds(
     (the predictor reads an earlier layer), so it overlaps the computation; the layer waits for
     the later of the two. The layer computes every row it holds (prefetched or fetched on
     demand: which prefetched rows are inactive is known only from their activations), and each
-    missed active row is fetched on demand on the critical path:
-    ``max(fetch(m), compute(m + miss)) + fetch(miss)``. Dense execution is ``m = neurons``,
+    missed active row is then fetched on demand, on the critical path, at the miss bandwidth:
+    ``max(fetch(m), compute(m + miss)) + miss_fetch(miss)``. Dense execution is ``m = neurons``,
     ``miss = 0``; an oracle that fetches the active rows first has ``miss = max(active - m, 0)``.
     """
     missed = np.asarray(missed, dtype=float)
     fetch = hardware.fetch_seconds(budget_rows * weights_per_row)
     compute = hardware.compute_seconds((budget_rows + missed) * weights_per_row)
-    return np.maximum(fetch, compute) + hardware.fetch_seconds(missed * weights_per_row)
+    return np.maximum(fetch, compute) + hardware.miss_seconds(missed * weights_per_row)
 
 
 def latency_table(
@@ -626,7 +633,7 @@ def latency_table(
 ) -> pd.DataFrame:
     """Expected per-token FFN time summed over the ranked layers, per hardware and budget.
 
-    Rows (hardware, bandwidth_gbs, compute_gflops, bytes_per_weight, budget_fraction, dense_ms,
+    Rows (hardware, bandwidth_gbs, miss_bandwidth_gbs, compute_gflops, bytes_per_weight, budget_fraction, dense_ms,
     oracle_ms, time_ms, saving_recovered): dense fetches and computes every row; the oracle
     fetches the budget's rows active ones first (``ffn_seconds`` with the fewest misses the
     budget allows); ``time_ms`` is the ranked predictor's; ``saving_recovered`` is
@@ -644,6 +651,7 @@ def latency_table(
             saving = dense - oracle
             rows.append({
                 "hardware": device.name, "bandwidth_gbs": device.bandwidth_gbs,
+                "miss_bandwidth_gbs": device.miss_bandwidth_gbs,
                 "compute_gflops": device.compute_gflops, "bytes_per_weight": device.bytes_per_weight,
                 "budget_fraction": fraction, "dense_ms": dense * 1e3, "oracle_ms": oracle * 1e3,
                 "time_ms": time * 1e3,

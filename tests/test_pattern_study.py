@@ -15,8 +15,8 @@ from actsparse.patterns import paper_layers
 from conftest import REPO
 
 LENGTH = 64
-HARDWARE = {"phone": {"bandwidth_gbs": 1.0, "compute_gflops": 50.0, "bytes_per_weight": 2},
-            "cpu": {"bandwidth_gbs": 25.6, "compute_gflops": 96.0, "bytes_per_weight": 4}}
+HARDWARE = {"phone": {"bandwidth_gbs": 1.0, "miss_bandwidth_gbs": 0.25, "compute_gflops": 50.0, "bytes_per_weight": 2},
+            "cpu": {"bandwidth_gbs": 25.6, "miss_bandwidth_gbs": 6.4, "compute_gflops": 96.0, "bytes_per_weight": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_lookahead_predictor_reaches_near_oracle_recall_on_a_planted_rule(tiny_m
             runs.append(pattern_study.predictor_study(
                 model, tokenizer, train_ids, eval_ids, window=256, source_layer=0, targets=[1], hidden=8,
                 epochs=40, budgets=[0.5, 0.6, 1.0], lookahead=1, rank=32, hot_fraction=0.5,
-                hardware=[patterns.Hardware("phone", 1.0, 50.0, 2)], seed=0,
+                hardware=[patterns.Hardware("phone", 1.0, 0.25, 50.0, 2)], seed=0,
             ))
     first, again = runs
     for name in ("predictor", "prefetch", "latency"):  # training is deterministic on CPU

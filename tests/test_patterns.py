@@ -303,8 +303,9 @@ def test_ranking_counts_hits_at_every_budget_like_a_fresh_top_k():
 
 # --- latency model --------------------------------------------------------------------------
 
-PHONE = Hardware("phone", bandwidth_gbs=1.0, compute_gflops=50.0, bytes_per_weight=2)
-SLOW_CORE = Hardware("slow-core", bandwidth_gbs=40.0, compute_gflops=5.0, bytes_per_weight=4)  # compute-bound
+PHONE = Hardware("phone", bandwidth_gbs=1.0, miss_bandwidth_gbs=0.25, compute_gflops=50.0, bytes_per_weight=2)
+SLOW_CORE = Hardware("slow-core", bandwidth_gbs=40.0, miss_bandwidth_gbs=40.0, compute_gflops=5.0,
+                     bytes_per_weight=4)  # compute-bound
 WEIGHTS_PER_ROW = 3 * 64
 
 
@@ -312,13 +313,14 @@ def _seconds(rows_fetched: float, rows_computed: float, rows_late: float, device
     """The latency model written out: fetch overlaps compute, late rows are fetched after."""
     fetch = rows_fetched * WEIGHTS_PER_ROW * device.bytes_per_weight / (device.bandwidth_gbs * 1e9)
     compute = rows_computed * WEIGHTS_PER_ROW * 2 / (device.compute_gflops * 1e9)
-    late = rows_late * WEIGHTS_PER_ROW * device.bytes_per_weight / (device.bandwidth_gbs * 1e9)
+    late = rows_late * WEIGHTS_PER_ROW * device.bytes_per_weight / (device.miss_bandwidth_gbs * 1e9)
     return max(fetch, compute) + late
 
 
 def test_ffn_seconds_by_hand():
-    # phone: 10 rows fetched = 10 * 192 * 2 B at 1 GB/s = 3.84 us; compute 12 rows = 12 * 384 / 50e9 = 0.09 us
-    assert ffn_seconds(10, np.array([2]), WEIGHTS_PER_ROW, PHONE)[0] == pytest.approx(3.84e-6 + 2 * 384e-9)
+    # phone: 10 rows fetched = 10 * 192 * 2 B at 1 GB/s = 3.84 us; compute 12 rows = 12 * 384 / 50e9 = 0.09 us;
+    # 2 missed rows = 2 * 384 B at 0.25 GB/s
+    assert ffn_seconds(10, np.array([2]), WEIGHTS_PER_ROW, PHONE)[0] == pytest.approx(3.84e-6 + 2 * 384e-9 / 0.25)
     # compute-bound: max picks the compute of the 12 rows held
     assert ffn_seconds(10, np.array([2]), WEIGHTS_PER_ROW, SLOW_CORE)[0] == pytest.approx(
         12 * 384 / 5e9 + 2 * 768 / 40e9)
@@ -329,7 +331,7 @@ def test_latency_is_dense_at_full_budget_and_oracle_with_a_perfect_predictor(dev
     rng = np.random.default_rng(0)
     actual = {layer: rng.random((40, 16)) < p for layer, p in ((0, 0.3), (1, 0.6))}
     budgets = (0.25, 0.5, 1.0)
-    noisy = {layer: a + rng.normal(0, 0.8, a.shape) for layer, a in actual.items()}
+    noisy = {layer: a + rng.normal(0, 0.4, a.shape) for layer, a in actual.items()}
     perfect = {layer: a.astype(float) + rng.random(a.shape) * 0.5 for layer, a in actual.items()}  # active rows first
     tables = {name: latency_table({layer: Ranking.of(s[layer], actual[layer]) for layer in actual},
                                   WEIGHTS_PER_ROW, [device], budgets) for name, s in (("noisy", noisy), ("perfect", perfect))}
@@ -344,7 +346,10 @@ def test_latency_is_dense_at_full_budget_and_oracle_with_a_perfect_predictor(dev
                      for mask in actual.values()) * 1e3
         assert row.oracle_ms == pytest.approx(oracle, rel=1e-12)
         assert row.time_ms == pytest.approx(oracle, rel=1e-12)
-        assert row.saving_recovered == pytest.approx(1.0) or fraction == 1.0
+        if row.dense_ms > row.oracle_ms * (1 + 1e-9):
+            assert row.saving_recovered == pytest.approx(1.0)
+        else:  # misses at the slow on-demand rate can cost the oracle more than dense execution
+            assert np.isnan(row.saving_recovered)
     noisy_half = tables["noisy"][tables["noisy"].budget_fraction == 0.5].iloc[0]
     assert noisy_half.oracle_ms < noisy_half.time_ms < noisy_half.dense_ms  # an imperfect predictor: in between
     assert np.isnan(tables["noisy"].saving_recovered.iloc[-1])  # at budget 1 the oracle saves nothing
