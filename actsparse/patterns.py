@@ -693,16 +693,25 @@ def headline_budget(budgets: Sequence[float], wanted: float = 0.4) -> float:
     return min(sorted(budgets), key=lambda b: round(abs(b - wanted), 9))
 
 
+def _reading(row: pd.DataFrame, name: str) -> str:
+    """One glance at one budget: the predictor's time against dense and the oracle."""
+    if row.empty:
+        return f"no {name} rows"
+    r = row.iloc[0]
+    share = "" if math.isnan(r.saving_recovered) else f"\nrecovering {r.saving_recovered:.0%} of the oracle's saving"
+    return f"{name} {r.time_ms:.3g} ms\nvs dense {r.dense_ms:.3g} ms, oracle {r.oracle_ms:.3g} ms{share}"
+
+
 def plot_latency(table: pd.DataFrame, path: str | Path, headline: str) -> Path:
     """Per-token FFN time against the prefetch budget, one panel per hardware: dense, the oracle,
     and every predictor of ``table`` (a ``latency_table`` with a ``features`` column). Each
-    panel's title reads how much of the oracle's saving ``headline`` recovers at the budget
-    closest to 40%."""
+    panel's title reads ``headline``'s time against dense and the oracle, and the share of the
+    oracle's saving it recovers, at the budget closest to 40%."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     devices = list(dict.fromkeys(table["hardware"]))
-    figure = Figure(figsize=(4.5 * len(devices), 3.8))
+    figure = Figure(figsize=(5.2 * len(devices), 4.2))
     FigureCanvasAgg(figure)
     for index, (axes, device) in enumerate(zip(figure.subplots(1, len(devices), squeeze=False)[0], devices)):
         rows = table[table["hardware"] == device]
@@ -714,9 +723,7 @@ def plot_latency(table: pd.DataFrame, path: str | Path, headline: str) -> Path:
                       label=name)
         budget = headline_budget(rows["budget_fraction"])
         at = rows[(rows["features"] == headline) & (rows["budget_fraction"] == budget)]
-        recovered = f"{at['saving_recovered'].item():.0%}" if len(at) else "n/a"
-        axes.set_title(f"{device}: at a {budget:.0%} budget {headline}\nrecovers {recovered} of the oracle's saving",
-                       fontsize=9)
+        axes.set_title(f"{device}, {budget:.0%} budget: {_reading(at, headline)}", fontsize=9)
         axes.set(xlabel="prefetch budget (share of rows)", xlim=(0, 1.02), ylim=(0, None))
         if index == 0:
             axes.set_ylabel("FFN time per token (ms)")
