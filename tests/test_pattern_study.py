@@ -209,6 +209,20 @@ def test_residual_inputs_are_what_each_decoder_layer_reads(study_inputs):
     assert pattern_study.lookahead_source(1, 2) == 0
 
 
+def test_lookahead_zero_reads_each_layers_own_ffn_input(study_inputs, one_torch_thread):
+    model_dir, paths, _ = study_inputs
+    model, tokenizer = models.load_model(model_dir)
+    ids = corpora.load_corpus(paths["calibration"])["input_ids"][:128].tolist()
+    study = dict(window=LENGTH, source_layer=0, targets=None, hidden=4, epochs=1, budgets=[1.0], rank=4, seed=0)
+    found = pattern_study.predictor_study(model, tokenizer, ids, ids, lookahead=0, **study)
+    lookahead = found.predictor[found.predictor.features == "lookahead"]
+    assert (lookahead.source_layer == lookahead.target_layer).all() and len(lookahead) == 3
+    activity = pattern_study.gather_activity(model, ids, models.bos_id(tokenizer), LENGTH, None, [2])
+    assert np.array_equal(pattern_study.lookahead_features(activity, 2, 0), activity.ffn_in[2])
+    with pytest.raises(ValueError, match="lookahead must be below the model's 3 layers"):
+        pattern_study.predictor_study(model, tokenizer, ids, ids, lookahead=3, **study)
+
+
 def _planted(model: torch.nn.Module) -> torch.nn.Module:
     """Zero every attention output and FFN output: the residual stream is then the token's
     embedding at every layer, so each layer's activity is a fixed function of the token, which
