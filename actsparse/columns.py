@@ -22,6 +22,7 @@ PROVENANCE = ("file", "config_hash", "code_version", "device", "seed", "python",
 MATCH_KEYS = ("model", "strategy", "sample", "similarity", "layer", "metric")
 PREDICTOR_KEYS = ("model", "features", "target_layer")
 PREFETCH_KEYS = ("model", "features", "layer", "budget_fraction")
+LATENCY_KEYS = ("model", "hardware", "features", "budget_fraction")
 TABLE_II_KEYS = ("model", "strategy", "metric", "layer", "sample")
 
 # What identifies a row of each table of results/tables/ (`actsparse compare` pairs the rows of two
@@ -42,6 +43,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "pattern_match_table_ii": TABLE_II_KEYS,
     "predictor": PREDICTOR_KEYS,
     "prefetch": PREFETCH_KEYS,
+    "latency": LATENCY_KEYS,
     "speed": SPEED[:4],
     "provenance": PROVENANCE[:1],
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -31,14 +32,16 @@ from matplotlib.patches import Patch
 
 from actsparse import corpora, hooks, methods, models, patterns, sparsifier, stages, tables
 from actsparse.anatomy import anatomy_of, decoder_layers
-from actsparse.columns import MATCH_KEYS, PREDICTOR_KEYS, PREFETCH_KEYS, TABLE_II_KEYS
+from actsparse.columns import LATENCY_KEYS, MATCH_KEYS, PREDICTOR_KEYS, PREFETCH_KEYS, TABLE_II_KEYS
 from actsparse.provenance import write_json, write_text
 
 MATCH = ("model", "strategy", "sample", "similarity", "measured_similarity", "layer", "metric", "match_rate")
 PREDICTOR = ("model", "features", "source_layer", "target_layer", "precision", "recall", "f1", "active_fraction",
-             "train_tokens", "eval_tokens")
+             "train_tokens", "eval_tokens", "predictor_params", "params_fraction", "flops_fraction")
 PREFETCH = ("model", "features", "source_layer", "layer", "budget_fraction", "recall", "precision", "bytes_fetched",
             "dense_bytes", "late_bytes")
+LATENCY = ("model", "hardware", "features", "budget_fraction", "bandwidth_gbs", "miss_bandwidth_gbs", "compute_gflops",
+           "bytes_per_weight", "dense_ms", "oracle_ms", "time_ms", "saving_recovered")
 RANKING_METRIC = "paper_match_rate"  # best / worst sample for the heatmaps, as the paper ranks its samples
 TILE = (64, 64)  # tokens x neurons: paper_match_rate's window, and the heatmaps show exactly that tile
 
@@ -138,6 +141,33 @@ def active_neurons(
     Reads whatever the model computes, so thresholds attached before (``stages.sparsified``)
     shape the patterns. Runs the base model only: the LM head is not needed.
     """
+    found = forward_activity(model, ids, bos, layers, () if hidden_layer is None else (hidden_layer,))
+    return found.patterns, None if hidden_layer is None else found.ffn_in[hidden_layer]
+
+
+@dataclass
+class Activity:
+    """Per-token data of one text (or of consecutive windows of it, concatenated): the active
+    patterns of some layers, the FFN inputs of some layers and, if asked, the residual-stream
+    input of every decoder layer (``residual[l]``: what layer l reads, the embeddings for l = 0)."""
+
+    patterns: dict[int, np.ndarray]
+    ffn_in: dict[int, np.ndarray]
+    residual: dict[int, np.ndarray]
+
+    @property
+    def tokens(self) -> int:
+        return len(next(iter(self.patterns.values())))
+
+
+def forward_activity(
+    model: torch.nn.Module, ids: Sequence[int], bos: int, layers: Sequence[int] | None,
+    ffn_in_layers: Sequence[int] = (), residual: bool = False,
+) -> Activity:
+    """One forward pass of ``[bos] + ids``: patterns of ``layers`` (None: all), FFN inputs of
+    ``ffn_in_layers`` and, with ``residual``, every layer's residual-stream input, read from the
+    model's own ``output_hidden_states`` (entry l < L is the input of decoder layer l in every
+    supported family), so no extra hook is needed. The BOS position is dropped."""
     captured: dict[tuple[int, str], torch.Tensor] = {}
 
     def sink(layer: int, component: str, value: torch.Tensor) -> None:
@@ -146,13 +176,20 @@ def active_neurons(
     inputs = torch.tensor([[bos, *ids]], device=model.device)
     with ExitStack() as stack:
         stack.enter_context(hooks.capture(model, ["h"], sink, layers))
-        if hidden_layer is not None:
-            stack.enter_context(hooks.capture(model, ["ffn_in"], sink, [hidden_layer]))
+        if ffn_in_layers:
+            stack.enter_context(hooks.capture(model, ["ffn_in"], sink, ffn_in_layers))
         with torch.inference_mode():
-            model.base_model(input_ids=inputs)
+            out = model.base_model(input_ids=inputs, output_hidden_states=residual)
     found = {layer: (value != 0).cpu().numpy() for (layer, component), value in captured.items() if component == "h"}
-    hidden = None if hidden_layer is None else captured[hidden_layer, "ffn_in"].float().cpu().numpy()
-    return dict(sorted(found.items())), hidden
+    streams = {}
+    if residual:
+        streams = {layer: _host(h[0, 1:]) for layer, h in enumerate(out.hidden_states[: len(decoder_layers(model))])}
+    return Activity(dict(sorted(found.items())), {layer: _host(captured[layer, "ffn_in"]) for layer in ffn_in_layers},
+                    streams)
+
+
+def _host(value: torch.Tensor) -> np.ndarray:
+    return value.float().cpu().numpy()
 
 
 def _all_layers(model: torch.nn.Module, ids: Sequence[int], bos: int) -> list[np.ndarray]:
@@ -278,29 +315,18 @@ def plot_heatmaps(study: MatchStudy, strategy: str, png: Path) -> Figure:
 # Predictor study
 
 
-@dataclass
-class Activity:
-    """Per-token data of one corpus prefix: the source layer's FFN input and every needed pattern."""
-
-    hidden: np.ndarray
-    patterns: dict[int, np.ndarray]
-
-    @property
-    def tokens(self) -> int:
-        return len(self.hidden)
-
-
 def gather_activity(
-    model: torch.nn.Module, ids: Sequence[int], bos: int, window: int, source_layer: int, layers: Sequence[int]
+    model: torch.nn.Module, ids: Sequence[int], bos: int, window: int, layers: Sequence[int] | None,
+    ffn_in_layers: Sequence[int] = (), residual: bool = False,
 ) -> Activity:
-    """Patterns of ``layers`` and the FFN input of ``source_layer`` over consecutive windows of ``ids``."""
-    hidden, found = [], defaultdict(list)
-    for start in range(0, len(ids), window):
-        by_layer, h = active_neurons(model, ids[start : start + window], bos, layers, source_layer)
-        hidden.append(h)
-        for layer, p in by_layer.items():
-            found[layer].append(p)
-    return Activity(np.concatenate(hidden), {layer: np.concatenate(p) for layer, p in found.items()})
+    """``forward_activity`` over consecutive windows of ``ids``, concatenated along the tokens."""
+    parts = [forward_activity(model, ids[start : start + window], bos, layers, ffn_in_layers, residual)
+             for start in range(0, len(ids), window)]
+
+    def join(field: str) -> dict[int, np.ndarray]:
+        return {key: np.concatenate([getattr(part, field)[key] for part in parts]) for key in getattr(parts[0], field)}
+
+    return Activity(join("patterns"), join("ffn_in"), join("residual"))
 
 
 def target_layers(n_layers: int, source_layer: int, targets: Sequence[int] | None) -> list[int]:
@@ -314,16 +340,71 @@ def target_layers(n_layers: int, source_layer: int, targets: Sequence[int] | Non
     return chosen
 
 
-def bytes_per_neuron(model: torch.nn.Module) -> int:
-    """Bytes of one FFN neuron's weights in one layer: its gate and up rows and down column."""
+def lookahead_source(layer: int, lookahead: int) -> int:
+    """The layer whose input the lookahead predictor of ``layer`` reads.
+
+    k = 0: the layer itself (its FFN input, as in Deja Vu). k >= 1: the residual-stream input of
+    layer ``layer - k``, known k layers before the FFN runs, which leaves that long to fetch;
+    layers before the k-th read layer 0's input (the embeddings: the earliest state there is).
+    """
+    if lookahead < 0:
+        raise ValueError(f"predictor.lookahead must be >= 0, got {lookahead}")
+    return max(layer - lookahead, 0)
+
+
+def lookahead_features(activity: Activity, layer: int, lookahead: int) -> np.ndarray:
+    """What the lookahead predictor of ``layer`` reads (``lookahead_source``)."""
+    return activity.ffn_in[layer] if lookahead == 0 else activity.residual[lookahead_source(layer, lookahead)]
+
+
+def _neuron_weights(model: torch.nn.Module) -> tuple[list[torch.Tensor], int]:
+    """The FFN weight matrices of one layer and its neuron count."""
     layer = decoder_layers(model)[0]
     anatomy = anatomy_of(model)
-    neurons = layer.get_submodule(anatomy.down).in_features
     weights = [layer.get_submodule(path).weight for path in anatomy.ffn_projections]
+    return weights, layer.get_submodule(anatomy.down).in_features
+
+
+def weights_per_neuron(model: torch.nn.Module) -> int:
+    """Weights of one FFN neuron in one layer: its gate and up rows and down column."""
+    weights, neurons = _neuron_weights(model)
+    return sum(w.numel() for w in weights) // neurons
+
+
+def bytes_per_neuron(model: torch.nn.Module) -> int:
+    """Bytes of one FFN neuron's weights in one layer, in the model's dtype."""
+    weights, neurons = _neuron_weights(model)
     return sum(w.numel() * w.element_size() for w in weights) // neurons
 
 
-Scorer = Callable[[int], tuple[np.ndarray, np.ndarray]]  # target layer -> (predicted mask, scores)
+NO_INPUT = -1  # source_layer of the static baselines and the oracle: they read nothing per token
+LATENCY_FEATURES = ("lookahead", "frequency")  # the per-token predictors the latency model compares
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One predictor's output for one layer.
+
+    ``predicted``: the active mask it predicts (None for the oracle: exact by definition);
+    ``scores``: its fetch order (None for a static set, whose order at a budget is frequency's);
+    ``cost``: its parameters and FLOPs per token.
+    """
+
+    features: str
+    layer: int
+    source_layer: int
+    predicted: np.ndarray | None
+    scores: np.ndarray | None
+    cost: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class PredictorTables:
+    """``PREDICTOR``, ``PREFETCH`` and ``LATENCY`` rows of one model, without the model column."""
+
+    predictor: pd.DataFrame
+    prefetch: pd.DataFrame
+    latency: pd.DataFrame
 
 
 def predictor_study(
@@ -338,50 +419,101 @@ def predictor_study(
     hidden: int,
     epochs: int,
     budgets: Sequence[float],
+    lookahead: int = 1,
+    rank: int = 64,
+    hot_fraction: float = 0.5,
+    hardware: Sequence[patterns.Hardware] = (),
     seed: int = 0,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Predict each target layer's active neurons per token, train on ``train_ids``, score on ``eval_ids``.
+) -> PredictorTables:
+    """Predict active neurons per token, train on ``train_ids``, score on ``eval_ids``.
 
-    Three predictors: an MLP on the source layer's FFN input (``hidden_state``), an MLP on its
-    active pattern (``pattern``), and the static ``frequency`` baseline (the neurons most often
-    active in training). MLP masks threshold the probability at 0.5; the prefetch sweep ranks
-    neurons by score. Returns the ``PREDICTOR`` and ``PREFETCH`` tables without model.
+    Per layer: a ``lookahead`` MLP of ``rank`` hidden units on ``lookahead_features``, the static
+    ``frequency`` baseline (the most often active neurons, as many as are active on average),
+    the static ``hot_set`` (the neurons active on at least ``hot_fraction`` of the calibration
+    tokens, PowerInfer's hot neurons) and the ``oracle`` (the true mask). For the configured
+    targets also the long-range MLPs from ``source_layer``: on its FFN input (``hidden_state``)
+    and on its pattern (``pattern``). MLP masks threshold the probability at 0.5; prefetching
+    ranks neurons by score.
     """
     _check_length(model, window)
-    chosen = target_layers(len(decoder_layers(model)), source_layer, targets)
-    layers = [source_layer, *chosen]
+    n_layers = len(decoder_layers(model))
+    chosen = target_layers(n_layers, source_layer, targets)
+    if lookahead >= n_layers:
+        raise ValueError(f"predictor.lookahead must be below the model's {n_layers} layers, got {lookahead}")
+    every = list(range(n_layers))
+    ffn_in = sorted({source_layer, *(every if lookahead == 0 else ())})
     bos = models.bos_id(tokenizer)
-    train = gather_activity(model, train_ids, bos, window, source_layer, layers)
-    test = gather_activity(model, eval_ids, bos, window, source_layer, layers)
-    log.info("predictor: %d training and %d evaluation tokens, targets %s", train.tokens, test.tokens, chosen)
+    train, test = (gather_activity(model, ids, bos, window, None, ffn_in, lookahead > 0) for ids in (train_ids, eval_ids))
+    log.info("predictor: %d training and %d evaluation tokens, lookahead %d, long-range targets %s",
+             train.tokens, test.tokens, lookahead, chosen)
 
-    def mlp(x_train: np.ndarray, x_test: np.ndarray) -> Scorer:
-        def score(layer: int) -> tuple[np.ndarray, np.ndarray]:
-            scores = patterns.train_predictor(x_train, train.patterns[layer], hidden, epochs, seed).scores(x_test)
-            return scores >= 0.5, scores
+    def mlp(features: str, layer: int, source: int, x_train: np.ndarray, x_test: np.ndarray, units: int) -> Prediction:
+        net = patterns.train_predictor(x_train, train.patterns[layer], units, epochs, seed)
+        scores = net.scores(x_test)
+        return Prediction(features, layer, source, scores >= 0.5, scores,
+                          patterns.mlp_cost(x_train.shape[1], units, scores.shape[1]))
 
-        return score
+    started = time.perf_counter()
+    predictions = [
+        mlp("lookahead", layer, lookahead_source(layer, lookahead), lookahead_features(train, layer, lookahead),
+            lookahead_features(test, layer, lookahead), rank)
+        for layer in every
+    ]
+    log.info("lookahead predictors of %d layers trained and scored in %.1f s", n_layers, time.perf_counter() - started)
+    for layer in chosen:
+        predictions.append(mlp("hidden_state", layer, source_layer, train.ffn_in[source_layer],
+                               test.ffn_in[source_layer], hidden))
+        predictions.append(mlp("pattern", layer, source_layer, train.patterns[source_layer],
+                               test.patterns[source_layer], hidden))
+    for layer in every:
+        seen = train.patterns[layer]
+        predictions += [
+            Prediction("frequency", layer, NO_INPUT, patterns.frequency_baseline(seen), seen.mean(0)),
+            Prediction("hot_set", layer, NO_INPUT, patterns.hot_neurons(seen, hot_fraction), None),
+            Prediction("oracle", layer, NO_INPUT, None, test.patterns[layer].astype(np.float32)),
+        ]
+    ffn_weights = weights_per_neuron(model) * train.patterns[0].shape[1]
+    return PredictorTables(
+        _quality_rows(predictions, test, ffn_weights).assign(train_tokens=train.tokens, eval_tokens=test.tokens),
+        *_prefetch_rows(predictions, test, weights_per_neuron(model), bytes_per_neuron(model), budgets, hardware),
+    )
 
-    scorers: dict[str, Scorer] = {
-        "hidden_state": mlp(train.hidden, test.hidden),
-        "pattern": mlp(train.patterns[source_layer], test.patterns[source_layer]),
-        "frequency": lambda layer: (patterns.frequency_baseline(train.patterns[layer]), train.patterns[layer].mean(0)),
-    }
-    actual = {layer: test.patterns[layer] for layer in chosen}
-    row_bytes = bytes_per_neuron(model)
-    rows, sweeps = [], []
-    for name, score in scorers.items():
-        scores = {}
-        for layer in chosen:
-            predicted, scores[layer] = score(layer)
-            quality = patterns.evaluate_predictor(predicted, actual[layer])
-            rows.append({"features": name, "target_layer": layer, **quality,
-                         "active_fraction": float(actual[layer].mean())})
-        sweep = patterns.prefetch_sweep(scores, actual, row_bytes, budgets)
-        sweeps.append(sweep.assign(features=name))
-    predictor = pd.DataFrame(rows).assign(source_layer=source_layer, train_tokens=train.tokens, eval_tokens=test.tokens)
-    prefetch = pd.concat(sweeps, ignore_index=True).assign(source_layer=source_layer)
-    return predictor[list(PREDICTOR[1:])], prefetch[list(PREFETCH[1:])]
+
+def _quality_rows(predictions: Sequence[Prediction], test: Activity, ffn_weights: int) -> pd.DataFrame:
+    """Precision, recall, F1 and cost of every prediction with a mask: ``PREDICTOR`` minus model and token counts."""
+    rows = []
+    for p in predictions:
+        if p.predicted is None:
+            continue
+        actual = test.patterns[p.layer]
+        params, flops = p.cost
+        rows.append({"features": p.features, "source_layer": p.source_layer, "target_layer": p.layer,
+                     **patterns.evaluate_predictor(p.predicted, actual), "active_fraction": float(actual.mean()),
+                     "predictor_params": params, "params_fraction": params / ffn_weights,
+                     "flops_fraction": flops / (2 * ffn_weights)})
+    return pd.DataFrame(rows)
+
+
+def _prefetch_rows(
+    predictions: Sequence[Prediction], test: Activity, weights_per_row: int, bytes_per_row: int,
+    budgets: Sequence[float], hardware: Sequence[patterns.Hardware],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The prefetch sweep of every prediction with a fetch order, and the latency model of the
+    ``LATENCY_FEATURES`` over all layers: ``PREFETCH`` and ``LATENCY`` without model."""
+    by_features: dict[str, dict[int, Prediction]] = defaultdict(dict)
+    for p in predictions:
+        if p.scores is not None:
+            by_features[p.features][p.layer] = p
+    sweeps, latencies = [], []
+    for features, by_layer in by_features.items():
+        rankings = {layer: patterns.Ranking.of(p.scores, test.patterns[layer]) for layer, p in sorted(by_layer.items())}
+        sources = {layer: p.source_layer for layer, p in by_layer.items()}
+        sweep = patterns.prefetch_table(rankings, bytes_per_row, budgets)
+        sweeps.append(sweep.assign(features=features, source_layer=sweep["layer"].map(sources)))
+        if features in LATENCY_FEATURES and hardware:
+            latencies.append(patterns.latency_table(rankings, weights_per_row, hardware, budgets).assign(features=features))
+    latency = pd.concat(latencies, ignore_index=True) if latencies else pd.DataFrame(columns=list(LATENCY))
+    return pd.concat(sweeps, ignore_index=True)[list(PREFETCH[1:])], latency[list(LATENCY[1:])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,39 +571,54 @@ def run_predictor_study(
     thresholds: Path,
     out_predictor: Path,
     out_prefetch: Path,
+    out_latency: Path,
     out_summary: Path,
     figure: Path,
+    latency_figure: Path,
     window: int,
     predictor: dict,
+    hot_fraction: float,
     seed: int,
     dtype: str,
     device: str,
     provenance: dict,
 ) -> None:
-    """Predictor and prefetch tables, the recall-vs-bytes figure (PNG + PDF) and a JSON summary.
+    """Predictor, prefetch and latency tables, the recall-vs-bytes and the latency figures (PNG +
+    PDF) and a JSON summary.
 
     ``predictor``: the config block (source_layer, target_layers, hidden, epochs, budgets,
-    train_tokens, eval_tokens); the token counts are upper bounds, cut to the corpora.
+    train_tokens, eval_tokens, lookahead, rank, hardware); the token counts are upper bounds, cut
+    to the corpora.
     """
     model, tokenizer = models.load_model(model_dir, device, dtype)
     train_ids = corpora.load_corpus(train_corpus)["input_ids"][: predictor["train_tokens"]].tolist()
     eval_ids = corpora.load_corpus(eval_corpus)["input_ids"][: predictor["eval_tokens"]].tolist()
+    hardware = [patterns.Hardware(name, **spec) for name, spec in sorted(predictor["hardware"].items())]
     with stages.sparsified(model, [thresholds], "all") as measured:
-        quality, prefetch = predictor_study(
+        found = predictor_study(
             model, tokenizer, train_ids, eval_ids, window=window, source_layer=predictor["source_layer"],
             targets=predictor["target_layers"], hidden=predictor["hidden"], epochs=predictor["epochs"],
-            budgets=predictor["budgets"], seed=seed,
+            budgets=predictor["budgets"], lookahead=predictor["lookahead"], rank=predictor["rank"],
+            hot_fraction=hot_fraction, hardware=hardware, seed=seed,
         )
     name = Path(model_dir).name
-    _write_csv(quality.assign(model=name)[list(PREDICTOR)], PREDICTOR_KEYS, out_predictor)
-    _write_csv(prefetch.assign(model=name)[list(PREFETCH)], PREFETCH_KEYS, out_prefetch)
+    _write_csv(found.predictor.assign(model=name)[list(PREDICTOR)], PREDICTOR_KEYS, out_predictor)
+    _write_csv(found.prefetch.assign(model=name)[list(PREFETCH)], PREFETCH_KEYS, out_prefetch)
+    _write_csv(found.latency.assign(model=name)[list(LATENCY)], LATENCY_KEYS, out_latency)
+    long_range = set(found.prefetch.loc[found.prefetch["features"] == "hidden_state", "layer"])
+    shown = found.prefetch[found.prefetch["layer"].isin(long_range) & (found.prefetch["features"] != "oracle")]
     for path in (figure, Path(figure).with_suffix(".pdf")):
-        patterns.plot_prefetch(prefetch, path)
+        patterns.plot_prefetch(shown, path)
+    for path in (latency_figure, Path(latency_figure).with_suffix(".pdf")):
+        patterns.plot_latency(found.latency, path, headline="lookahead")
     write_json(Path(out_summary), {
         "model": name,
         **_threshold_facts(thresholds),
         "achieved_sparsity": sparsifier.achieved_sparsity(measured),
         "bytes_per_neuron": bytes_per_neuron(model),
+        "weights_per_neuron": weights_per_neuron(model),
+        "lookahead": predictor["lookahead"],
+        "mean_f1": found.predictor.groupby("features")["f1"].mean().to_dict(),
         "provenance": provenance,
     })
 
@@ -485,10 +632,12 @@ def pattern_tables(
     match_csvs: Sequence[Path],
     predictor_csvs: Sequence[Path],
     prefetch_csvs: Sequence[Path],
+    latency_csvs: Sequence[Path],
     out_match: Path,
     out_table_ii: Path,
     out_predictor: Path,
     out_prefetch: Path,
+    out_latency: Path,
 ) -> None:
     """Every model's tables in one, and the Table-II pivot of the match table."""
     match = _concat(match_csvs)
@@ -496,6 +645,7 @@ def pattern_tables(
     _write_csv(table_ii_pivot(match), TABLE_II_KEYS, out_table_ii)
     _write_csv(_concat(predictor_csvs)[list(PREDICTOR)], PREDICTOR_KEYS, out_predictor)
     _write_csv(_concat(prefetch_csvs)[list(PREFETCH)], PREFETCH_KEYS, out_prefetch)
+    _write_csv(_concat(latency_csvs)[list(LATENCY)], LATENCY_KEYS, out_latency)
 
 
 def table_ii_pivot(match: pd.DataFrame) -> pd.DataFrame:

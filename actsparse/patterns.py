@@ -407,6 +407,14 @@ def train_predictor(
     return predictor
 
 
+def mlp_cost(inputs: int, hidden: int, outputs: int) -> tuple[int, int]:
+    """Parameters and multiply-add FLOPs per token of ``train_predictor``'s MLP (inputs -> hidden -> outputs).
+
+    The input standardisation folds into the first layer's weights and bias, so it costs nothing.
+    """
+    return inputs * hidden + hidden + hidden * outputs + outputs, 2 * (inputs * hidden + hidden * outputs)
+
+
 def _precision_recall(hits: int, predicted: int, actual: int) -> tuple[float, float]:
     """Precision and recall, NaN where the denominator is zero (nothing predicted / nothing active)."""
     precision = hits / predicted if predicted else math.nan
@@ -444,6 +452,8 @@ def frequency_baseline(train_masks: np.ndarray, k: int | None = None) -> np.ndar
 # ---------------------------------------------------------------------------------------------
 # Prefetch simulation
 
+DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
 
 def _top_rows(scores: np.ndarray, budget_rows: int) -> np.ndarray:
     """bool mask of the ``budget_rows`` highest scores in each row; ties go to the lower index."""
@@ -453,6 +463,51 @@ def _top_rows(scores: np.ndarray, budget_rows: int) -> np.ndarray:
     mask = np.zeros(scores.shape, dtype=bool)
     np.put_along_axis(mask, top, True, axis=1)
     return mask
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Where one layer's active rows fall in a predictor's fetch order, per token.
+
+    ``hits[t, m]`` is the number of token t's active rows among its ``m`` best-scored rows
+    (ties go to the lower index), so one sort answers every budget: fetching ``m`` rows hits
+    ``hits[:, m]`` active rows and misses ``active - hits[:, m]``.
+    """
+
+    hits: np.ndarray  # int32 [tokens, neurons + 1]
+
+    @classmethod
+    def of(cls, scores: np.ndarray, actual_active: np.ndarray) -> Ranking:
+        """``scores`` ``[tokens, neurons]`` or a static ``[neurons]``; ``actual_active`` bool ``[tokens, neurons]``."""
+        actual = np.asarray(actual_active, dtype=bool)
+        if actual.ndim != 2:
+            raise ValueError(f"actual_active must be [tokens, neurons], got {actual.shape}")
+        scores = np.asarray(scores, dtype=float)
+        if scores.ndim == 1:  # one order for every token: sort once
+            ranked = actual[:, np.argsort(-scores, kind="stable")]
+        else:
+            ranked = np.take_along_axis(actual, np.argsort(-scores, axis=1, kind="stable"), axis=1)
+        hits = np.zeros((len(actual), actual.shape[1] + 1), dtype=np.int32)
+        np.cumsum(ranked, axis=1, out=hits[:, 1:])
+        return cls(hits)
+
+    @property
+    def neurons(self) -> int:
+        return self.hits.shape[1] - 1
+
+    @property
+    def active(self) -> np.ndarray:
+        """Active rows per token."""
+        return self.hits[:, -1]
+
+    def budget_rows(self, fraction: float) -> int:
+        """Rows a budget fraction fetches per token: round(fraction * neurons)."""
+        return round(fraction * self.neurons)
+
+    def hits_at(self, budget_rows: int) -> np.ndarray:
+        if not 0 <= budget_rows <= self.neurons:
+            raise ValueError(f"budget_rows must be in [0, {self.neurons}], got {budget_rows}")
+        return self.hits[:, budget_rows]
 
 
 def simulate_prefetch(
@@ -466,40 +521,140 @@ def simulate_prefetch(
     bytes_fetched, dense_bytes (all rows for every token) and late_bytes: the active rows that
     were not prefetched, which a real system loads on demand on the critical path.
     """
-    actual = np.asarray(actual_active, dtype=bool)
-    if actual.ndim != 2:
-        raise ValueError(f"actual_active must be [tokens, neurons], got {actual.shape}")
-    fetched = _top_rows(np.broadcast_to(np.asarray(scores, dtype=float), actual.shape), budget_rows)
-    hits = int((fetched & actual).sum())
-    precision, recall = _precision_recall(hits, int(fetched.sum()), int(actual.sum()))
+    return _tally(Ranking.of(scores, actual_active), budget_rows, bytes_per_row)
+
+
+def _tally(ranking: Ranking, budget_rows: int, bytes_per_row: int) -> dict[str, float]:
+    hits, active = int(ranking.hits_at(budget_rows).sum()), int(ranking.active.sum())
+    tokens = len(ranking.hits)
+    precision, recall = _precision_recall(hits, tokens * budget_rows, active)
     return {
         "recall": recall,
         "precision": precision,
-        "bytes_fetched": int(fetched.sum()) * bytes_per_row,
-        "dense_bytes": actual.size * bytes_per_row,
-        "late_bytes": int((actual & ~fetched).sum()) * bytes_per_row,
+        "bytes_fetched": tokens * budget_rows * bytes_per_row,
+        "dense_bytes": tokens * ranking.neurons * bytes_per_row,
+        "late_bytes": (active - hits) * bytes_per_row,
     }
+
+
+def rank_layers(
+    scores_by_layer: Mapping[int, np.ndarray], actual_by_layer: Mapping[int, np.ndarray]
+) -> dict[int, Ranking]:
+    """``Ranking`` of every layer, in layer order; the two mappings must name the same layers."""
+    if set(scores_by_layer) != set(actual_by_layer):
+        raise ValueError(f"layers differ: scores {sorted(scores_by_layer)} vs actual {sorted(actual_by_layer)}")
+    return {layer: Ranking.of(scores_by_layer[layer], actual_by_layer[layer]) for layer in sorted(scores_by_layer)}
 
 
 def prefetch_sweep(
     scores_by_layer: Mapping[int, np.ndarray],
     actual_by_layer: Mapping[int, np.ndarray],
     bytes_per_row: int,
-    budget_fractions: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+    budget_fractions: Sequence[float] = DEFAULT_BUDGETS,
 ) -> pd.DataFrame:
     """Rows (layer, budget_fraction, recall, precision, bytes_fetched, dense_bytes, late_bytes).
 
     A budget fraction b fetches round(b * neurons) rows per token.
     """
-    if set(scores_by_layer) != set(actual_by_layer):
-        raise ValueError(f"layers differ: scores {sorted(scores_by_layer)} vs actual {sorted(actual_by_layer)}")
+    return prefetch_table(rank_layers(scores_by_layer, actual_by_layer), bytes_per_row, budget_fractions)
+
+
+def prefetch_table(
+    rankings: Mapping[int, Ranking], bytes_per_row: int, budget_fractions: Sequence[float] = DEFAULT_BUDGETS
+) -> pd.DataFrame:
+    """``prefetch_sweep`` from rankings made once (``rank_layers``)."""
+    rows = [
+        {"layer": layer, "budget_fraction": fraction, **_tally(ranking, ranking.budget_rows(fraction), bytes_per_row)}
+        for layer, ranking in rankings.items()
+        for fraction in budget_fractions
+    ]
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency model
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Where the FFN weights are fetched from and how fast they are used.
+
+    ``bandwidth_gbs``: weight-fetch bandwidth (GB/s, 1e9 bytes) of prefetching from the slow
+    memory that holds the weights (flash on a phone, DRAM behind a CPU's cache): rows known
+    ahead are read in bulk. ``miss_bandwidth_gbs``: the rate of on-demand reads of missed rows,
+    which are found late and read row by row with little to overlap them, so slower.
+    ``compute_gflops``: the rate at which held rows are multiplied (GFLOP/s);
+    ``bytes_per_weight``: the stored weight format. The defaults and their sources are in
+    ``config/schema/config.schema.yaml`` and the README.
+    """
+
+    name: str
+    bandwidth_gbs: float
+    miss_bandwidth_gbs: float
+    compute_gflops: float
+    bytes_per_weight: float
+
+    def fetch_seconds(self, weights: float) -> float:
+        return weights * self.bytes_per_weight / (self.bandwidth_gbs * 1e9)
+
+    def miss_seconds(self, weights: float) -> float:
+        return weights * self.bytes_per_weight / (self.miss_bandwidth_gbs * 1e9)
+
+    def compute_seconds(self, weights: float) -> float:
+        return 2.0 * weights / (self.compute_gflops * 1e9)  # one multiply-add per weight
+
+
+def ffn_seconds(
+    budget_rows: int, missed: np.ndarray, weights_per_row: float, hardware: Hardware
+) -> np.ndarray:
+    """Per-token time of one layer's FFN that prefetched ``budget_rows`` rows and missed ``missed``.
+
+    The model (README "Activation patterns and the predictor"): the prefetch is issued ahead
+    (the predictor reads an earlier layer), so it overlaps the computation; the layer waits for
+    the later of the two. The layer computes every row it holds (prefetched or fetched on
+    demand: which prefetched rows are inactive is known only from their activations), and each
+    missed active row is then fetched on demand, on the critical path, at the miss bandwidth:
+    ``max(fetch(m), compute(m + miss)) + miss_fetch(miss)``. Dense execution is ``m = neurons``,
+    ``miss = 0``; an oracle that fetches the active rows first has ``miss = max(active - m, 0)``.
+    """
+    missed = np.asarray(missed, dtype=float)
+    fetch = hardware.fetch_seconds(budget_rows * weights_per_row)
+    compute = hardware.compute_seconds((budget_rows + missed) * weights_per_row)
+    return np.maximum(fetch, compute) + hardware.miss_seconds(missed * weights_per_row)
+
+
+def latency_table(
+    rankings: Mapping[int, Ranking],
+    weights_per_row: float,
+    hardware: Sequence[Hardware],
+    budget_fractions: Sequence[float] = DEFAULT_BUDGETS,
+) -> pd.DataFrame:
+    """Expected per-token FFN time summed over the ranked layers, per hardware and budget.
+
+    Rows (hardware, bandwidth_gbs, miss_bandwidth_gbs, compute_gflops, bytes_per_weight, budget_fraction, dense_ms,
+    oracle_ms, time_ms, saving_recovered): dense fetches and computes every row; the oracle
+    fetches the budget's rows active ones first (``ffn_seconds`` with the fewest misses the
+    budget allows); ``time_ms`` is the ranked predictor's; ``saving_recovered`` is
+    (dense - time) / (dense - oracle), NaN where the oracle saves nothing (up to rounding).
+    """
     rows = []
-    for layer in sorted(scores_by_layer):
-        actual = np.asarray(actual_by_layer[layer])
+    for device in hardware:
         for fraction in budget_fractions:
-            budget = round(fraction * actual.shape[-1])
-            result = simulate_prefetch(scores_by_layer[layer], actual, budget, bytes_per_row)
-            rows.append({"layer": layer, "budget_fraction": fraction, **result})
+            dense = oracle = time = 0.0
+            for ranking in rankings.values():
+                m, n = ranking.budget_rows(fraction), ranking.neurons
+                dense += float(ffn_seconds(n, np.zeros(1), weights_per_row, device).mean())
+                oracle += float(ffn_seconds(m, np.maximum(ranking.active - m, 0), weights_per_row, device).mean())
+                time += float(ffn_seconds(m, ranking.active - ranking.hits_at(m), weights_per_row, device).mean())
+            saving = dense - oracle
+            rows.append({
+                "hardware": device.name, "bandwidth_gbs": device.bandwidth_gbs,
+                "miss_bandwidth_gbs": device.miss_bandwidth_gbs,
+                "compute_gflops": device.compute_gflops, "bytes_per_weight": device.bytes_per_weight,
+                "budget_fraction": fraction, "dense_ms": dense * 1e3, "oracle_ms": oracle * 1e3,
+                "time_ms": time * 1e3,
+                "saving_recovered": (dense - time) / saving if saving > 1e-9 * dense else math.nan,
+            })
     return pd.DataFrame(rows)
 
 
@@ -525,6 +680,51 @@ def plot_prefetch(table: pd.DataFrame, path: str | Path) -> Path:
         )
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random rows")
     axes.set(xlabel="bytes fetched / dense bytes", ylabel="recall of active rows", xlim=(0, 1), ylim=(0, 1.02))
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+    path = Path(path)
+    write_figure(figure, path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def headline_budget(budgets: Sequence[float], wanted: float = 0.4) -> float:
+    """The configured budget closest to ``wanted`` (ties to the smaller): the figure's one-glance reading."""
+    return min(sorted(budgets), key=lambda b: round(abs(b - wanted), 9))
+
+
+def _reading(row: pd.DataFrame, name: str) -> str:
+    """One glance at one budget: the predictor's time against dense and the oracle."""
+    if row.empty:
+        return f"no {name} rows"
+    r = row.iloc[0]
+    share = "" if math.isnan(r.saving_recovered) else f"\nrecovering {r.saving_recovered:.0%} of the oracle's saving"
+    return f"{name} {r.time_ms:.3g} ms\nvs dense {r.dense_ms:.3g} ms, oracle {r.oracle_ms:.3g} ms{share}"
+
+
+def plot_latency(table: pd.DataFrame, path: str | Path, headline: str) -> Path:
+    """Per-token FFN time against the prefetch budget, one panel per hardware: dense, the oracle,
+    and every predictor of ``table`` (a ``latency_table`` with a ``features`` column). Each
+    panel's title reads ``headline``'s time against dense and the oracle, and the share of the
+    oracle's saving it recovers, at the budget closest to 40%."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    devices = list(dict.fromkeys(table["hardware"]))
+    figure = Figure(figsize=(5.2 * len(devices), 4.2))
+    FigureCanvasAgg(figure)
+    for index, (axes, device) in enumerate(zip(figure.subplots(1, len(devices), squeeze=False)[0], devices)):
+        rows = table[table["hardware"] == device]
+        first = rows[rows["features"] == rows["features"].iloc[0]]
+        axes.plot(first["budget_fraction"], first["dense_ms"], color="black", label="dense")
+        axes.plot(first["budget_fraction"], first["oracle_ms"], color="grey", linestyle="--", label="oracle")
+        for colour, (name, group) in enumerate(rows.groupby("features", sort=True)):
+            axes.plot(group["budget_fraction"], group["time_ms"], marker="o", markersize=3, color=f"C{colour}",
+                      label=name)
+        budget = headline_budget(rows["budget_fraction"])
+        at = rows[(rows["features"] == headline) & (rows["budget_fraction"] == budget)]
+        axes.set_title(f"{device}, {budget:.0%} budget: {_reading(at, headline)}", fontsize=9)
+        axes.set(xlabel="prefetch budget (share of rows)", xlim=(0, 1.02), ylim=(0, None))
+        if index == 0:
+            axes.set_ylabel("FFN time per token (ms)")
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     path = Path(path)
     write_figure(figure, path, dpi=120, bbox_inches="tight")

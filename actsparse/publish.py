@@ -142,11 +142,18 @@ TABLES: dict[str, Table] = {
     ),
     "predictor": Table(
         PATTERNS, "Activity predictor",
-        "Precision, recall and F1 of predicting deeper layers' active neurons from an early layer.",
+        "Precision, recall and F1 of predicting each layer's active neurons: a lookahead MLP per layer on the "
+        "residual stream k layers earlier, frequency and hot-set baselines, and long-range MLPs from an early layer; "
+        "the predictor's parameters and FLOPs as a fraction of the FFN it predicts.",
     ),
     "prefetch": Table(
         PATTERNS, "Prefetch simulation",
         "Recall, precision and bytes fetched per layer and budget when prefetching the predicted weight rows.",
+    ),
+    "latency": Table(
+        PATTERNS, "Prefetch latency model",
+        "Expected per-token FFN time over all layers per hardware profile and prefetch budget: dense, the oracle, and "
+        "each predictor with misses fetched on demand; saving_recovered is the share of the oracle's saving it keeps.",
     ),
     "speed": Table(
         "Decoding speed", "Decoding speed",

@@ -152,6 +152,7 @@ def final_targets():
         "results/tables/pattern_match_table_ii.csv",
         "results/tables/predictor.csv",
         "results/tables/prefetch.csv",
+        "results/tables/latency.csv",
         "results/tables/provenance.csv",  # built last, from every table's sidecar (rules/report.smk)
     ] + (["results/tables/speed.csv"] if config["speed"]["methods"] else [])
     return targets + [figure_path(name) for name in drawn(targets)]

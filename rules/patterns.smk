@@ -52,6 +52,7 @@ rule pattern_predictor:
     output:
         predictor="results/patterns/{model}/predictor.csv",
         prefetch="results/patterns/{model}/prefetch.csv",
+        latency="results/patterns/{model}/latency.csv",
         summary="results/patterns/{model}/predictor.json",
         figure=report(
             "results/figures/patterns/{model}/prefetch.png",
@@ -61,9 +62,17 @@ rule pattern_predictor:
             labels={"figure": "Prefetch simulation"},
         ),
         figure_pdf="results/figures/patterns/{model}/prefetch.pdf",
+        latency_figure=report(
+            "results/figures/patterns/{model}/latency.png",
+            caption="../report/figures/latency.rst",
+            category="Activation patterns",
+            subcategory="{model}",
+        ),
+        latency_figure_pdf="results/figures/patterns/{model}/latency.pdf",
     params:
         window=PATTERNS["length"],
         predictor=PATTERNS["predictor"],
+        hot_fraction=PATTERNS["hot_fraction"],
         seed=PATTERNS["seed"],
         dtype=config["dtype"],
     log:
@@ -84,11 +93,13 @@ rule pattern_tables:
         match=expand("results/patterns/{model}/match.csv", model=MODELS),
         predictor=expand("results/patterns/{model}/predictor.csv", model=MODELS),
         prefetch=expand("results/patterns/{model}/prefetch.csv", model=MODELS),
+        latency=expand("results/patterns/{model}/latency.csv", model=MODELS),
     output:
         match="results/tables/pattern_match.csv",
         table_ii="results/tables/pattern_match_table_ii.csv",
         predictor="results/tables/predictor.csv",
         prefetch="results/tables/prefetch.csv",
+        latency="results/tables/latency.csv",
     log:
         f"{LOGS}/pattern_tables.log",
     conda:

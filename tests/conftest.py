@@ -30,3 +30,13 @@ def tiny_model_dir(tmp_path_factory):
         return cache[family]
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared machine thread contention
+    multiplies their run time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,16 +9,23 @@ from hypothesis import strategies as st
 from actsparse.models import byte_tokenizer
 from actsparse.patterns import (
     PAPER_SIMILARITIES,
+    Hardware,
     PatternPair,
+    Ranking,
     aligned_similarity,
     chance_agreement,
     evaluate_predictor,
     frequency_baseline,
+    ffn_seconds,
+    headline_budget,
     hot_neuron_jaccard,
+    latency_table,
     make_variants,
     match_table,
+    mlp_cost,
     paper_layers,
     paper_match_rate,
+    plot_latency,
     plot_prefetch,
     prefetch_sweep,
     simulate_prefetch,
@@ -222,16 +229,6 @@ def _synthetic_task(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.abs(x @ weights) > 0.6745
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared machine thread contention
-    multiplies their run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_predictor_beats_frequency_baseline_and_is_deterministic(one_torch_thread):
     x_train, y_train = _synthetic_task(1500, seed=1)
     x_test, y_test = _synthetic_task(500, seed=2)
@@ -290,3 +287,85 @@ def test_prefetch_sweep_and_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="layers differ"):
         prefetch_sweep({0: SCORES}, {1: ACTUAL}, 10)
+
+
+def test_ranking_counts_hits_at_every_budget_like_a_fresh_top_k():
+    rng = np.random.default_rng(5)
+    scores, actual = rng.random((7, 9)), rng.random((7, 9)) < 0.4
+    ranking = Ranking.of(scores, actual)
+    for m in range(10):
+        top = np.argsort(-scores, axis=1)[:, :m]  # no ties among random floats
+        assert ranking.hits_at(m).tolist() == [int(actual[t, top[t]].sum()) for t in range(7)]
+    assert ranking.active.tolist() == actual.sum(1).tolist()
+    static = Ranking.of(scores[0], actual)
+    assert static.hits_at(3).tolist() == actual[:, np.argsort(-scores[0])[:3]].sum(1).tolist()
+
+
+# --- latency model --------------------------------------------------------------------------
+
+PHONE = Hardware("phone", bandwidth_gbs=1.0, miss_bandwidth_gbs=0.25, compute_gflops=50.0, bytes_per_weight=2)
+SLOW_CORE = Hardware("slow-core", bandwidth_gbs=40.0, miss_bandwidth_gbs=40.0, compute_gflops=5.0,
+                     bytes_per_weight=4)  # compute-bound
+WEIGHTS_PER_ROW = 3 * 64
+
+
+def _seconds(rows_fetched: float, rows_computed: float, rows_late: float, device: Hardware) -> float:
+    """The latency model written out: fetch overlaps compute, late rows are fetched after."""
+    fetch = rows_fetched * WEIGHTS_PER_ROW * device.bytes_per_weight / (device.bandwidth_gbs * 1e9)
+    compute = rows_computed * WEIGHTS_PER_ROW * 2 / (device.compute_gflops * 1e9)
+    late = rows_late * WEIGHTS_PER_ROW * device.bytes_per_weight / (device.miss_bandwidth_gbs * 1e9)
+    return max(fetch, compute) + late
+
+
+def test_ffn_seconds_by_hand():
+    # phone: 10 rows fetched = 10 * 192 * 2 B at 1 GB/s = 3.84 us; compute 12 rows = 12 * 384 / 50e9 = 0.09 us;
+    # 2 missed rows = 2 * 384 B at 0.25 GB/s
+    assert ffn_seconds(10, np.array([2]), WEIGHTS_PER_ROW, PHONE)[0] == pytest.approx(3.84e-6 + 2 * 384e-9 / 0.25)
+    # compute-bound: max picks the compute of the 12 rows held
+    assert ffn_seconds(10, np.array([2]), WEIGHTS_PER_ROW, SLOW_CORE)[0] == pytest.approx(
+        12 * 384 / 5e9 + 2 * 768 / 40e9)
+
+
+@pytest.mark.parametrize("device", [PHONE, SLOW_CORE], ids=lambda d: d.name)
+def test_latency_is_dense_at_full_budget_and_oracle_with_a_perfect_predictor(device):
+    rng = np.random.default_rng(0)
+    actual = {layer: rng.random((40, 16)) < p for layer, p in ((0, 0.3), (1, 0.6))}
+    budgets = (0.25, 0.5, 1.0)
+    noisy = {layer: a + rng.normal(0, 0.4, a.shape) for layer, a in actual.items()}
+    perfect = {layer: a.astype(float) + rng.random(a.shape) * 0.5 for layer, a in actual.items()}  # active rows first
+    tables = {name: latency_table({layer: Ranking.of(s[layer], actual[layer]) for layer in actual},
+                                  WEIGHTS_PER_ROW, [device], budgets) for name, s in (("noisy", noisy), ("perfect", perfect))}
+    dense = sum(_seconds(16, 16, 0, device) for _ in actual) * 1e3
+    for table in tables.values():
+        assert table["dense_ms"].tolist() == pytest.approx([dense] * 3, rel=1e-12)
+        full = table[table.budget_fraction == 1.0].iloc[0]
+        assert full.time_ms == pytest.approx(dense, rel=1e-12) and full.oracle_ms == pytest.approx(dense, rel=1e-12)
+    for fraction, row in zip(budgets, tables["perfect"].itertuples()):
+        m = round(fraction * 16)
+        oracle = sum(np.mean([_seconds(m, max(m, a), max(a - m, 0), device) for a in mask.sum(1)])
+                     for mask in actual.values()) * 1e3
+        assert row.oracle_ms == pytest.approx(oracle, rel=1e-12)
+        assert row.time_ms == pytest.approx(oracle, rel=1e-12)
+        if row.dense_ms > row.oracle_ms * (1 + 1e-9):
+            assert row.saving_recovered == pytest.approx(1.0)
+        else:  # misses at the slow on-demand rate can cost the oracle more than dense execution
+            assert np.isnan(row.saving_recovered)
+    noisy_half = tables["noisy"][tables["noisy"].budget_fraction == 0.5].iloc[0]
+    assert noisy_half.oracle_ms < noisy_half.time_ms < noisy_half.dense_ms  # an imperfect predictor: in between
+    assert np.isnan(tables["noisy"].saving_recovered.iloc[-1])  # at budget 1 the oracle saves nothing
+
+
+def test_latency_figure_and_headline_budget(tmp_path):
+    assert headline_budget((0.1, 0.3, 0.5)) == 0.3 and headline_budget((0.4, 1.0)) == 0.4
+    actual = {0: np.random.default_rng(1).random((20, 8)) < 0.5}
+    ranking = {0: Ranking.of(np.zeros(8), actual[0])}
+    table = latency_table(ranking, WEIGHTS_PER_ROW, [PHONE, SLOW_CORE], (0.4, 1.0)).assign(features="frequency")
+    path = plot_latency(table, tmp_path / "latency.png", headline="frequency")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mlp_cost_counts_weights_biases_and_multiply_adds():
+    net = torch.nn.Sequential(torch.nn.Linear(12, 5), torch.nn.ReLU(), torch.nn.Linear(5, 20))
+    params, flops = mlp_cost(12, 5, 20)
+    assert params == sum(p.numel() for p in net.parameters())
+    assert flops == 2 * (12 * 5 + 5 * 20)
