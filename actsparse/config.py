@@ -209,13 +209,45 @@ def gguf_parts(parts: dict) -> list[tuple[str, str]]:
     return [(parts["package"].format(i=i), parts["file"].format(i=i)) for i in range(1, parts["count"] + 1)]
 
 
+def _package_folder(name: str) -> Path | None:
+    """An installed package's folder, found without importing it; None when not installed."""
+    spec = importlib.util.find_spec(name)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
 def package_file(package: str, file: str) -> Path | None:
     """A file inside an installed package, found without importing the package; None when the
     package is not installed."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(spec.submodule_search_locations[0]) / file
+    folder = _package_folder(package)
+    return None if folder is None else folder / file
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file below ``folder`` but in hidden folders (.git, .cache) and __pycache__."""
+    return sorted(str(path) for path in folder.rglob("*") if path.is_file()
+                  and not any(part.startswith(".") or part == "__pycache__" for part in path.relative_to(folder).parts))
+
+
+def model_files(source: dict) -> list[str]:
+    """The files a model source reads when imported, as rule inputs: a changed file reruns the
+    import and what depends on it. A hub model is pinned by its revision (a parameter), a tiny one
+    by its seed; a GGUF by its file, or the installed files of its part packages."""
+    if "local" in source:
+        return _files_under(Path(source["local"]))
+    gguf = source.get("gguf", {})
+    if "path" in gguf:
+        return [gguf["path"]]
+    if "parts" in gguf:
+        return [str(found) for package, file in gguf_parts(gguf["parts"]) if (found := package_file(package, file))]
+    if "package" in gguf and (folder := _package_folder(gguf["package"])):
+        return [str(folder / gguf["file"])] if "file" in gguf else _files_under(folder)
+    return []
+
+
+def corpus_files(spec: dict) -> list[str]:
+    """A vendored corpus's text file, as a rule input; a hub dataset reads none (its name and
+    split are parameters)."""
+    return [spec["path"]] if "path" in spec else []
 
 
 def _missing_model_files(source: dict) -> Iterator[tuple[list, str]]:

@@ -2,21 +2,13 @@ import shutil
 
 from actsparse.registry import configured, options, requirements
 
-from actsparse.config import check_config
+from actsparse.config import check_config, corpus_files, model_files
 from actsparse.publish import drawn, figure_path
 
 
-def config_files():
-    """The config files the config was built from, in merge order (only the command line's with
-    --replace-workflow-config)."""
-    given = list(workflow.overwrite_configfiles)
-    if workflow.config_settings.replace_workflow_config:
-        return given
-    return [f for f in workflow.configfiles if f not in given] + given
-
-
-# defaults from the schema, then every check that needs no model
-check_config(config, config_files())
+# defaults from the schema, then every check that needs no model; in the order the files merge
+check_config(config, [f for f in workflow.configfiles if f not in workflow.overwrite_configfiles]
+             + list(workflow.overwrite_configfiles))
 
 ENV = "../envs/actsparse.yaml"
 LOGS = "results/logs"

