@@ -173,7 +173,7 @@ def method_errors(methods: dict) -> Iterator[tuple[list, str]]:
     known = ", ".join(registry.METHODS)
     for name, entry in methods.items():
         method = registry.method_of(name, entry)
-        if method not in registry.METHODS:
+        if not isinstance(method, str) or method not in registry.METHODS:
             if "method" in entry:
                 yield ["methods", name, "method"], f"methods.{name}.method: unknown method {method!r}; known: {known}"
             else:

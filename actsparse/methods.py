@@ -473,7 +473,7 @@ def read_grid(path: str | os.PathLike) -> tuple[dict[Key, torch.Tensor], np.ndar
 def _level_index(levels: np.ndarray, sparsity: float, path: str | os.PathLike) -> int:
     matches = np.flatnonzero(np.isclose(levels, sparsity, rtol=0, atol=1e-9))
     if not matches.size:
-        raise ValueError(f"sparsity {sparsity} is not in the levels of {path} ({len(levels)} levels, "
+        raise ValueError(f"sparsity {sparsity} is not in the grid of {path} ({len(levels)} levels, "
                          f"{levels.min():g} to {levels.max():g})")
     return int(matches[0])
 
