@@ -179,7 +179,8 @@ MEASURE_VIEW = """
 
 def shown_results(report: Path, binary: str) -> list[Shown]:
     """Every HTML view and figure of ``report`` as the browser shows it."""
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+    # the killed browser's helper processes may still write to the profile while it is removed
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
         tools = DevTools(binary, Path(profile))
         try:
             return _shown(Page(tools), Path(report))

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from test_workflow import tiny_config
+from test_workflow import tiny_config, write_config
 
 pytestmark = pytest.mark.slurm
 
@@ -60,7 +60,7 @@ def slurm_env() -> dict[str, str]:
 
 def run_through_slurm(workdir: Path) -> subprocess.CompletedProcess:
     """TARGET via the SLURM profile; `timeout -k` because a hung status loop ignores SIGTERM."""
-    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config(device="cpu")))
+    write_config(workdir, tiny_config(device="cpu"))
     cmd = [
         "timeout", "-k", "10", str(RUN_LIMIT_S),
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),

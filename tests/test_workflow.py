@@ -55,11 +55,16 @@ def tiny_config(**overrides) -> dict:
     return config
 
 
-def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+def write_config(workdir: Path, config: dict) -> None:
+    """``config`` as the run's config.yaml, and the evaluation corpus copy tiny_config reads."""
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     if not (workdir / EVALUATION_COPY).exists():
         (workdir / EVALUATION_COPY).parent.mkdir(exist_ok=True)
         shutil.copy2(WIKI / "wiki.test.raw.gz", workdir / EVALUATION_COPY)
+
+
+def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    write_config(workdir, config)
     cmd = SNAKEMAKE + ["--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)  # a hang guard; ~2 min on an idle 2-core machine
 
@@ -158,10 +163,12 @@ def test_changing_a_corpus_file_in_place_reruns_exactly_its_dependants(finished_
         corpus.write_bytes(original)
         os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     # what reads the evaluation corpus: its preparation, the perplexity of each grid point, the
-    # pattern study and the predictor's evaluation, then their tables; calibration is untouched
+    # pattern study and the predictor's evaluation, then their tables (the perplexity table and
+    # the five pattern tables rendered; the two perplexity layouts, the per-layer sparsity and the
+    # provenance tables rebuilt) and figures (per-layer sparsity, Table II); calibration is untouched
     assert jobs == {
         "prepare_corpus": 1, "eval_perplexity": 3, "pattern_match": 1, "pattern_predictor": 1, "pattern_tables": 1,
-        "perplexity_table": 1, "render_table": 5, "build_table": 2, "all": 1,
+        "perplexity_table": 1, "render_table": 6, "build_table": 4, "draw_figure": 2, "all": 1,
     }
 
 
