@@ -673,13 +673,15 @@ def plot_prefetch(table: pd.DataFrame, path: str | Path) -> Path:
     table = table if "features" in table.columns else table.assign(features="")
     layers, features = sorted(set(table["layer"])), sorted(set(table["features"]))
     for (name, layer), rows in table.groupby(["features", "layer"]):
+        style = features.index(name)  # a predictor: a line style and a marker, so no two look alike
         axes.plot(
-            rows["bytes_fetched"] / rows["dense_bytes"], rows["recall"], marker="o", markersize=3,
-            color=f"C{layers.index(layer) % 10}", linestyle=("-", "--", "-.", ":")[features.index(name) % 4],
-            label=f"{name}, layer {layer}" if name else f"layer {layer}",
+            rows["bytes_fetched"] / rows["dense_bytes"], rows["recall"], markersize=4,
+            marker=("o", "s", "^", "D", "v", "x")[style % 6], linestyle=("-", "--", "-.", (0, (1, 1)))[style % 4],
+            color=f"C{layers.index(layer) % 10}", label=f"{name}, layer {layer}" if name else f"layer {layer}",
         )
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random rows")
-    axes.set(xlabel="bytes fetched / dense bytes", ylabel="recall of active rows", xlim=(0, 1), ylim=(0, 1.02))
+    axes.set(title="Prefetch: recall of the active weight rows per fetch budget",
+             xlabel="bytes fetched / dense bytes", ylabel="recall of active rows", xlim=(0, 1), ylim=(0, 1.02))
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     path = Path(path)
     write_figure(figure, path, dpi=120, bbox_inches="tight")

@@ -114,6 +114,7 @@ def plot_perplexity_at_cost(frame: pd.DataFrame, png: Path) -> None:
     sparsity, one row of two panels per model, one curve per method from the dense baseline."""
     models = sorted(frame.model.unique())
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), squeeze=False)
+    fig.suptitle("Perplexity at equal cost: against activated FFN parameters and achieved sparsity")
     for row, model in zip(axes, models):
         for (_, method), curve in _curves(frame[frame.model == model]):
             row[0].plot(1 - curve.skipped_ffn_params, curve.ppl, marker="o", label=method)
@@ -121,11 +122,22 @@ def plot_perplexity_at_cost(frame: pd.DataFrame, png: Path) -> None:
         row[0].set(xlabel="activated FFN parameters (1 - skipped FFN weight work)")
         row[1].set(xlabel="achieved sparsity")
         for ax in row:
-            ax.set(title=model, ylabel="perplexity (log scale)", yscale="log")
-            ax.grid(alpha=0.3)
-            ax.legend()
+            _finish_perplexity_panel(ax, frame, model)
     fig.tight_layout()
     save_figure(fig, png)
+
+
+def _finish_perplexity_panel(ax, frame: pd.DataFrame, model: str) -> None:
+    """A perplexity panel's title, log axis, grid, the dense model's perplexity as a dotted line
+    (where the frame has it) and the legend."""
+    from actsparse.figures import REFERENCE  # figures draws from this module's tables
+
+    dense = frame[(frame.model == model) & (frame.method == "dense")].ppl
+    if len(dense):
+        ax.axhline(dense.iloc[0], **REFERENCE, label="dense")
+    ax.set(title=model, ylabel="perplexity (log scale)", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def downstream_wide(frame: pd.DataFrame) -> pd.DataFrame:
@@ -180,16 +192,16 @@ def models_table(model_dirs: Sequence[Path]) -> pd.DataFrame:
 def plot_perplexity(frame: pd.DataFrame, png: Path) -> None:
     """The seed paper's Fig 8: perplexity against achieved sparsity, one panel per model and one
     curve per method, each starting at the dense baseline."""
-    frame = with_dense_baseline(frame)
+    curves = with_dense_baseline(frame)
     models = sorted(frame.model.unique())
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig.suptitle("Perplexity against target sparsity")
     for ax, model in zip(axes[0], models):
-        for method, curve in frame[frame.model == model].groupby("method"):
+        for method, curve in curves[curves.model == model].groupby("method"):
             curve = curve.sort_values("target_sparsity")
             ax.plot(curve.target_sparsity, curve.ppl, marker="o", label=method)
-        ax.set(title=model, xlabel="target sparsity", ylabel="perplexity (log scale)", yscale="log")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.set(xlabel="target sparsity")
+        _finish_perplexity_panel(ax, frame, model)
     fig.tight_layout()
     save_figure(fig, png)
 

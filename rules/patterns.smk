@@ -67,6 +67,7 @@ rule pattern_predictor:
             caption="../report/figures/latency.rst",
             category="Activation patterns",
             subcategory="{model}",
+            labels={"figure": "Prefetch latency model"},
         ),
         latency_figure_pdf="results/figures/patterns/{model}/latency.pdf",
     params:

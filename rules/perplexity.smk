@@ -42,6 +42,7 @@ rule perplexity_table:
             caption="../report/figures/perplexity_cost.rst",
             category="Perplexity",
             subcategory="Figures",
+            labels={"figure": "Perplexity at equal cost"},
         ),
         cost_pdf="results/figures/perplexity_cost.pdf",
     log:

@@ -1,6 +1,7 @@
 """Tests for actsparse.patterns: variants, match rates, the predictor and the prefetch simulation."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -369,3 +370,21 @@ def test_mlp_cost_counts_weights_biases_and_multiply_adds():
     params, flops = mlp_cost(12, 5, 20)
     assert params == sum(p.numel() for p in net.parameters())
     assert flops == 2 * (12 * 5 + 5 * 20)
+
+
+def test_the_prefetch_figure_has_a_title_and_tells_every_predictor_of_a_layer_apart(tmp_path):
+    from unittest.mock import patch
+
+    from actsparse import patterns
+
+    sweep = prefetch_sweep({0: SCORES, 3: SCORES[:, ::-1]}, {0: ACTUAL, 3: ACTUAL}, 10, (0.5, 1.0))
+    names = ("frequency", "hot_set", "lookahead", "oracle", "pattern")
+    table = pd.concat([sweep.assign(features=name) for name in names], ignore_index=True)
+    with patch.object(patterns, "write_figure") as write:
+        plot_prefetch(table, tmp_path / "prefetch.png")
+    axes = write.call_args[0][0].axes[0]
+    assert axes.get_title() and axes.get_xlabel() and axes.get_ylabel()
+    for layer in (0, 3):
+        lines = [line for line in axes.get_lines() if line.get_label().endswith(f"layer {layer}")]
+        assert len(lines) == len(names)
+        assert len({(str(line.get_linestyle()), line.get_marker()) for line in lines}) == len(names)

@@ -137,11 +137,14 @@ def test_the_cost_figure_draws_every_method_in_both_panels(tmp_path):
     with patch.object(tables, "save_figure") as save:
         tables.plot_perplexity_at_cost(frame, tmp_path / "cost.png")
     figure = save.call_args[0][0]
+    assert figure.get_suptitle()
     for ax, x in zip(figure.axes, ([1.0, 0.65, 0.45], [0.0, 0.5, 0.7])):
         lines = {line.get_label(): line for line in ax.get_lines()}
-        assert sorted(lines) == ["cats", "chess"]
+        assert sorted(lines) == ["cats", "chess", "dense"]
         assert lines["cats"].get_xdata().tolist() == pytest.approx(x)
         assert lines["cats"].get_ydata().tolist() == [10.0, 12.0, 15.0]
+        assert list(lines["dense"].get_ydata()) == [10.0, 10.0]  # the dense model's perplexity, across
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
 
 
 def test_downstream_wide_is_the_chess_layout():
@@ -309,3 +312,14 @@ def test_the_provenance_view_shows_what_files_share_once_and_only_their_differen
     assert differing[0] == ["file", "device", "torch"]
     assert [row[1] for row in differing[1:]] == ["cpu", "cuda:0", "cpu"]
     assert differing[3][2] == "9.9" and page.count("numpy") == 1
+
+
+def test_the_perplexity_figure_draws_the_dense_model_as_a_reference(tmp_path):
+    with patch.object(tables, "save_figure") as save:
+        tables.plot_perplexity(PERPLEXITY, tmp_path / "ppl.png")
+    figure = save.call_args[0][0]
+    (ax,) = figure.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == ["cats", "chess", "dense"] and figure.get_suptitle()
+    assert list(lines["dense"].get_ydata()) == [10.0, 10.0]
+    assert lines["chess"].get_xdata().tolist() == [0.0, 0.5, 0.7]  # each curve starts at the dense baseline
