@@ -1,5 +1,7 @@
 """Column names of every result table, named once here and used by writers, readers and tests."""
 
+DENSE = "dense"  # the method label of the dense baseline (at sparsity 0.00) in every table and path
+
 PERPLEXITY = ("model", "method", "target_sparsity", "achieved_sparsity", "skipped_ffn_params", "ppl", "word_ppl", "tokens")
 DOWNSTREAM = ("model", "method", "target_sparsity", "task", "acc", "acc_stderr", "acc_norm", "n", "achieved_sparsity",
               "skipped_ffn_params")

@@ -23,7 +23,6 @@ from actsparse import columns, tables
 from actsparse.provenance import write_figure
 from actsparse.publish import FIGURES, named_function
 
-DENSE = "dense"
 REFERENCE = dict(color="grey", linestyle=":", linewidth=1.2)  # the dense baseline, a target level
 LINE_STYLES = ("-", "--", "-.", ":")
 
@@ -72,7 +71,7 @@ def downstream(frame: pd.DataFrame) -> Figure:
     figure, axes = panels(keys, "Zero-shot accuracy vs achieved sparsity (error bars: standard error)")
     for ax, (model, task) in zip(axes, keys):
         rows = frame[(frame.model == model) & (frame.task == task)]
-        dense = rows[rows.method == DENSE]
+        dense = rows[rows.method == columns.DENSE]
         for method, curve in tables.with_dense_baseline(rows).groupby("method"):
             curve = curve.sort_values("target_sparsity")
             ax.errorbar(curve.achieved_sparsity, curve.acc, yerr=curve.acc_stderr, marker="o", capsize=3, label=method)

@@ -31,9 +31,9 @@ def collect_results(paths: Sequence[Path], table_columns: Sequence[str]) -> pd.D
 
 def with_dense_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     """Every method's curve starts at the dense baseline (method "dense", sparsity 0)."""
-    dense = frame[frame.method == "dense"]
-    copies = [dense.assign(method=m) for m in frame.method.unique() if m != "dense"]
-    return pd.concat([frame[frame.method != "dense"], *copies], ignore_index=True)
+    dense = frame[frame.method == columns.DENSE]
+    copies = [dense.assign(method=m) for m in frame.method.unique() if m != columns.DENSE]
+    return pd.concat([frame[frame.method != columns.DENSE], *copies], ignore_index=True)
 
 
 def stderr_of_mean(stderrs: pd.Series) -> float:
@@ -132,7 +132,7 @@ def _finish_perplexity_panel(ax, frame: pd.DataFrame, model: str) -> None:
     (where the frame has it) and the legend."""
     from actsparse.figures import REFERENCE  # figures draws from this module's tables
 
-    dense = frame[(frame.model == model) & (frame.method == "dense")].ppl
+    dense = frame[(frame.model == model) & (frame.method == columns.DENSE)].ppl
     if len(dense):
         ax.axhline(dense.iloc[0], **REFERENCE, label="dense")
     ax.set(title=model, ylabel="perplexity (log scale)", yscale="log")

@@ -4,6 +4,7 @@ from actsparse.registry import configured, options, requirements
 
 from actsparse.config import check_config, corpus_files, model_files
 from actsparse.publish import drawn, figure_path
+from actsparse import columns
 
 
 # defaults from the schema, then every check that needs no model; in the order the files merge
@@ -16,7 +17,7 @@ BENCHMARKS = "results/benchmarks"
 MODELS = list(config["models"])
 METHODS = list(config["methods"])
 CORPORA = ("calibration", "evaluation")
-DENSE = "dense"  # the dense baseline: method "dense" at sparsity 0.00
+DENSE = columns.DENSE  # the dense baseline, at sparsity 0.00
 SHARDS = range(config["collection"]["shards"])
 STORELESS = config["collection"]["backend"] == "none"  # shard summaries only; fits rerun the forwards
 STORE_SUFFIX = {"zarr": "zarr", "hdf5": "h5", "none": None}[config["collection"]["backend"]]
