@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from actsparse.anatomy import Anatomy, anatomy_of, decoder_layers
-from actsparse.hooks import _sites, apply_thresholds
+from actsparse.hooks import hook_sites, apply_thresholds
 from actsparse.stats import Key
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def component_parameters(layer: nn.Module, anatomy: Anatomy, component: str, kv_
     if component == "act":  # a zero channel skips its up_proj row and down_proj column
         return sum(component_parameters(layer, anatomy, c) for c in ("up", "down"))
     total = 0
-    for site in _sites(anatomy, component, kv_dense):
+    for site in hook_sites(anatomy, component, kv_dense):
         numel = layer.get_submodule(site.path).weight.numel()
         total += numel // 2 if site.half is not None else numel
     return total

@@ -58,7 +58,7 @@ class Hooks:
 
 
 @dataclass(frozen=True)
-class _Site:
+class HookSite:
     """One hook point of a component: a module (relative to the layer) and which side of it."""
 
     path: str
@@ -66,25 +66,25 @@ class _Site:
     half: int | None = None  # 0 = gate, 1 = up half of a fused gate_up output
 
 
-def _sites(anatomy: Anatomy, component: str, kv_dense: bool = False) -> list[_Site]:
+def hook_sites(anatomy: Anatomy, component: str, kv_dense: bool = False) -> list[HookSite]:
     """Hook points of a component; for input components, one per consuming module."""
     a = anatomy
     if component == "ffn_in":
-        return [_Site(p, True) for p in (a.gate, a.up, a.gate_up) if p]
+        return [HookSite(p, True) for p in (a.gate, a.up, a.gate_up) if p]
     if component == "attn_in":
         if kv_dense and a.q is None:
             raise ValueError(f"{a.family}: q, k and v share {a.qkv}; a pre-hook cannot keep k and v dense")
-        return [_Site(p, True) for p in ((a.q,) if kv_dense else (a.q, a.k, a.v, a.qkv)) if p]
+        return [HookSite(p, True) for p in ((a.q,) if kv_dense else (a.q, a.k, a.v, a.qkv)) if p]
     if component in ("h", "down"):
-        return [_Site(a.down, component == "h")]
+        return [HookSite(a.down, component == "h")]
     if component == "o_in":
-        return [_Site(a.o, True)]
+        return [HookSite(a.o, True)]
     if component == "act":
-        return [_Site(a.act, False)]
+        return [HookSite(a.act, False)]
     if a.gate_up:
-        return [_Site(a.gate_up, False, half=("gate", "up").index(component))]
+        return [HookSite(a.gate_up, False, half=("gate", "up").index(component))]
     # a non-gated FFN keeps fc1 in the ``up`` slot, and its output is the ``gate`` component
-    return [_Site(a.gate or a.up if component == "gate" else a.up, False)]
+    return [HookSite(a.gate or a.up if component == "gate" else a.up, False)]
 
 
 def input_column_norms(model: nn.Module, components: Iterable[str], kv_dense: bool = False) -> dict[Key, np.ndarray]:
@@ -99,7 +99,7 @@ def input_column_norms(model: nn.Module, components: Iterable[str], kv_dense: bo
     for index, layer in enumerate(decoder_layers(model, anatomy)):
         for component in components:
             squares = sum(layer.get_submodule(site.path).weight.detach().double().square().sum(dim=0)
-                          for site in _sites(anatomy, component, kv_dense))
+                          for site in hook_sites(anatomy, component, kv_dense))
             norms[index, component] = squares.sqrt().cpu().numpy()
     return norms
 
@@ -138,7 +138,7 @@ class _LayerShapes:
 Transform = Callable[[torch.Tensor], torch.Tensor | None]  # [b, s, c] -> replacement, or None to keep
 
 
-def _hook(layer: nn.Module, index: int, site: _Site, shapes: _LayerShapes, fn: Transform) -> RemovableHandle:
+def _hook(layer: nn.Module, index: int, site: HookSite, shapes: _LayerShapes, fn: Transform) -> RemovableHandle:
     """Run ``fn`` on the site's value as [b, s, c] and put its result (if any) back in place."""
     module = layer.get_submodule(site.path)
     if site.is_input:
@@ -178,7 +178,7 @@ def capture(
         layer = all_layers[index]
         handles.append(shapes.attach(layer, index))
         for component in components:
-            site = _sites(anatomy, component)[0]
+            site = hook_sites(anatomy, component)[0]
 
             def read(value: torch.Tensor, index=index, component=component, half=site.half) -> None:
                 sink(index, component, _part(value, half).detach())
@@ -291,7 +291,7 @@ class _Masker:
 
 def _channels(layer: nn.Module, anatomy: Anatomy, component: str) -> int:
     if component in INPUT_COMPONENTS:
-        return layer.get_submodule(_sites(anatomy, component)[0].path).in_features
+        return layer.get_submodule(hook_sites(anatomy, component)[0].path).in_features
     down = layer.get_submodule(anatomy.down)
     return down.out_features if component == "down" else down.in_features
 
@@ -323,16 +323,16 @@ class _SitePlan:
 
 def _plan(
     model: nn.Module, anatomy: Anatomy, thresholds: Mapping[Key, torch.Tensor | float], kv_dense: bool
-) -> dict[tuple[int, _Site], _SitePlan]:
+) -> dict[tuple[int, HookSite], _SitePlan]:
     """Group validated thresholds by hook site; Phi-3's gate and up land on the same one."""
     all_layers = decoder_layers(model, anatomy)
     _layer_indices(len(all_layers), {layer for layer, _ in thresholds})
-    plans: dict[tuple[int, _Site], _SitePlan] = {}
+    plans: dict[tuple[int, HookSite], _SitePlan] = {}
     for (index, component), value in thresholds.items():
         layer = all_layers[index]
         t = _threshold(value, _channels(layer, anatomy, component), (index, component), next(layer.parameters()))
-        for n, site in enumerate(_sites(anatomy, component, kv_dense)):
-            plan = plans.setdefault((index, _Site(site.path, site.is_input)), _SitePlan())
+        for n, site in enumerate(hook_sites(anatomy, component, kv_dense)):
+            plan = plans.setdefault((index, HookSite(site.path, site.is_input)), _SitePlan())
             plan.thresholds[site.half] = t
             if n == 0:  # one count per component, however many consumers it feeds
                 plan.counted.append((component, site.half))

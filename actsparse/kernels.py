@@ -57,7 +57,7 @@ from torch import nn
 
 from actsparse import native
 from actsparse.anatomy import Anatomy, anatomy_of, decoder_layers
-from actsparse.hooks import INPUT_COMPONENTS, Key, _sites, _threshold, apply_thresholds
+from actsparse.hooks import INPUT_COMPONENTS, Key, hook_sites, _threshold, apply_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -555,7 +555,7 @@ def sparsify_for_decode(
         if component == "act":
             replaced.append(_sparse_mlp(layer, anatomy, value, index, break_even, kernel))
         else:
-            for site in _sites(anatomy, component, kv_dense):
+            for site in hook_sites(anatomy, component, kv_dense):
                 replaced.append(_sparse_linear(layer, site.path, value, (index, component), break_even, kernel))
     handle = SparseDecode(replaced)
     handle.attach()

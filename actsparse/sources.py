@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from actsparse.stats import Key, StoreStats, _magnitudes
+from actsparse.stats import Key, StoreStats, pattern_magnitudes
 from actsparse.store import ActivationStore, ShardSummary, open_store, open_summary, stored_values
 
 Block = tuple[str, Key, torch.Tensor]  # (the shard it comes from, for errors; key; [rows, channels])
@@ -144,7 +144,7 @@ class ForwardSource:
         if self.dtype == torch.float32:
             return None
         counts = sum(summary.patterns[key] for summary in self.summaries)
-        return _magnitudes(self.dtype).numpy(), counts
+        return pattern_magnitudes(self.dtype).numpy(), counts
 
     def blocks(self, keys: Sequence[Key], rows: int | None = None) -> Iterator[Block]:
         wanted = set(keys)

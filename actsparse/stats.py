@@ -174,7 +174,7 @@ def native_library() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _magnitudes(dtype: torch.dtype) -> torch.Tensor:
+def pattern_magnitudes(dtype: torch.dtype) -> torch.Tensor:
     """float32 value of every non-negative bit pattern of a 16-bit float dtype (exact)."""
     return torch.arange(_PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).float()
 
@@ -226,7 +226,7 @@ def _summarize_native(batch: torch.Tensor) -> BatchSummary:
     patterns = np.zeros(_PATTERNS, dtype=np.int64)
     sum_abs, sum_sq = np.zeros((2, batch.shape[1]), dtype=np.float64)
     status = native_library().summarize16(
-        batch.data_ptr(), batch.shape[0], batch.shape[1], _magnitudes(batch.dtype).data_ptr(),
+        batch.data_ptr(), batch.shape[0], batch.shape[1], pattern_magnitudes(batch.dtype).data_ptr(),
         patterns.ctypes.data, sum_abs.ctypes.data, sum_sq.ctypes.data,
     )
     if status:
