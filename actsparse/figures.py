@@ -85,14 +85,15 @@ def downstream(frame: pd.DataFrame) -> Figure:
 
 def speedup(frame: pd.DataFrame) -> Figure:
     """Decoding speedup over dense against sparsity, one panel per model and device, one line per
-    method; 1 (dense speed) dotted."""
+    method and its weight-bytes bound dashed in the same colour; 1 (dense speed) dotted."""
     keys = list(frame[["model", "device"]].drop_duplicates().itertuples(index=False, name=None))
     figure, axes = panels(keys, "Batch-1 decoding speedup of sparse FFN kernels")
     for ax, (model, device) in zip(axes, keys):
         rows = frame[(frame.model == model) & (frame.device == device)]
         for method, curve in rows.groupby("method"):
             curve = curve.sort_values("sparsity")
-            ax.plot(curve.sparsity, curve.speedup, marker="o", label=method)
+            (line,) = ax.plot(curve.sparsity, curve.speedup, marker="o", label=method)
+            ax.plot(curve.sparsity, curve.bound, linestyle="--", color=line.get_color(), label=f"{method} bound")
         ax.axhline(1.0, **REFERENCE, label="dense")
         finish(ax, f"{model} on {device}", "target sparsity", "speedup over dense (x)")
     return figure

@@ -6,6 +6,7 @@ be run and tested without Snakemake.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -273,8 +274,9 @@ def decode_speed(
     provenance: dict,
 ) -> dict:
     """Dense vs sparse decoding tokens/s of one grid point on the CPU (the only device with
-    sparse kernels so far), after checking that sparse decoding chooses the masked dense model's
-    tokens. The prompt is ``[BOS]`` + the first evaluation tokens."""
+    sparse kernels so far), after checking that every sparse kernel computes the masked dense
+    model's output of its input (``kernels.sparse_vs_masked``; how many greedy tokens came out
+    alike is recorded). The prompt is ``[BOS]`` + the first evaluation tokens."""
     from actsparse import models
 
     model, tokenizer = models.load_model(model_dir, "cpu", dtype)
@@ -282,11 +284,11 @@ def decode_speed(
     prompt = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])
     values, metadata = methods.load_thresholds(thresholds)
     kv_dense = methods.requirements(metadata["method"], gated=anatomy_of(model).gated).kv_dense
-    max_logit_diff = kernels.sparse_vs_masked(model, values, prompt, min(new_tokens, 16), kernel, kv_dense)
+    agreement = kernels.sparse_vs_masked(model, values, prompt, min(new_tokens, 16), kernel, kv_dense)
     speed = kernels.decode_speed(model, values, prompt, new_tokens, repeats, kernel=kernel, kv_dense=kv_dense)
     result = {
         "model": Path(model_dir).name, "method": method, "sparsity": sparsity, "device": "cpu", **speed,
-        "max_logit_diff": max_logit_diff, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
+        **dataclasses.asdict(agreement), "prompt_tokens": len(prompt), "new_tokens": new_tokens,
         "repeats": repeats, "kernel": kernel, "threads": torch.get_num_threads(), "provenance": provenance,
     }
     log.info("%s %.2f: dense %.1f tok/s, sparse %.1f tok/s, speedup %.3f", method, sparsity,

@@ -22,9 +22,11 @@ from actsparse.kernels import (
     decode_speed,
     greedy_decode,
     make_kernel,
+    module_tolerance,
     native_library,
     sparse_vs_masked,
     sparsify_for_decode,
+    weight_bytes_bound,
 )
 from actsparse.models import TINY_FAMILIES, tiny_model
 
@@ -130,7 +132,8 @@ def test_chess_plus_sparsifies_q_and_o_inputs_and_keeps_k_v_dense(family):
         replaced = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m in handle.modules})
     _assert_same_decode(got, ref)
     assert replaced == ["mlp", "o_proj", "q_proj"]
-    assert sparse_vs_masked(model, thresholds, PROMPT, STEPS, kv_dense=True) < 1e-4
+    agreement = sparse_vs_masked(model, thresholds, PROMPT, STEPS, kv_dense=True)
+    assert agreement.max_logit_diff < 1e-4 and agreement.tokens_matched == agreement.tokens_checked == STEPS
     with sparsify_for_decode(model, thresholds, break_even=1.0):  # k and v sparse too: another model
         all_sparse = greedy_decode(model, PROMPT, STEPS)
     assert (all_sparse.logits - ref.logits).abs().max() > 1e-3
@@ -315,7 +318,8 @@ def test_decode_speed_reports_both_sides_and_restores_model():
     model = _model("mistral")
     mlps = [layer.mlp for layer in decoder_layers(model)]
     speed = decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=5, repeats=2)
-    assert set(speed) == {"dense_tps", "sparse_tps", "speedup"}
+    assert set(speed) == {"dense_tps", "sparse_tps", "speedup", "bound", "active_fraction"}
+    assert 1 < speed["bound"] < 2 and 0.4 < speed["active_fraction"] < 0.6
     assert speed["dense_tps"] > 0 and speed["sparse_tps"] > 0
     assert speed["speedup"] == pytest.approx(speed["sparse_tps"] / speed["dense_tps"])
     assert [layer.mlp for layer in decoder_layers(model)] == mlps
@@ -348,15 +352,78 @@ def test_bad_options_fail_and_leave_the_model_dense(options, message):
     assert not any(isinstance(m, (SparseGatedMLP, SparseInputLinear)) for m in model.modules())
 
 
-def test_sparse_vs_masked_is_small_and_refuses_other_tokens(monkeypatch):
+def test_sparse_vs_masked_is_small_and_refuses_a_kernel_computing_something_else(monkeypatch):
     model = _model("llama")
-    assert sparse_vs_masked(model, cats("llama", 0.5), PROMPT, STEPS) < 1e-4
-    # a kernel that computes something else must be caught, not timed: here it inflates the FFN
-    # output until it, not the attention, decides every token
+    agreement = sparse_vs_masked(model, cats("llama", 0.5), PROMPT, STEPS)
+    assert agreement.tokens_matched == agreement.tokens_checked == STEPS
+    assert agreement.max_logit_diff < 1e-4 and agreement.max_module_diff <= module_tolerance(torch.float32)
     select = TorchKernel.select
-    monkeypatch.setattr(TorchKernel, "select", lambda self, a, t: (lambda v, i: (v * 1e4, i))(*select(self, a, t)))
-    with pytest.raises(AssertionError, match="other tokens"):
-        sparse_vs_masked(model, cats("llama", 0.5), PROMPT, 12, kernel="torch")
+    # a kernel that inflates the FFN output, and one that drops the weakest active channel: the
+    # second changes no greedy token here (logits move by ~1e-2), so only the per-module
+    # comparison catches it
+    def inflate(self, a, threshold):
+        values, index = select(self, a, threshold)
+        return values * 1e4, index
+
+    def drop_weakest(self, a, threshold):
+        values, index = select(self, a, threshold)
+        kept = values.abs() > values.abs().min()
+        return values[kept], index[kept]
+
+    for wrong in (inflate, drop_weakest):
+        monkeypatch.setattr(TorchKernel, "select", wrong)
+        with pytest.raises(AssertionError, match="differs from the masked dense computation"):
+            sparse_vs_masked(model, cats("llama", 0.5), PROMPT, 12, kernel="torch")
+
+
+def test_sparse_vs_masked_reports_where_greedy_tokens_part(monkeypatch):
+    """Exact kernels, but a reference whose tokens part from them (here masked at 0.9 rather than
+    0.5, standing in for rounding flips): reported, not raised, and counted from the first token."""
+    import actsparse.kernels
+
+    model = _model("llama")
+    at_05, at_09 = cats("llama", 0.5), cats("llama", 0.9)
+    with sparsify_for_decode(model, at_05, break_even=1.0):
+        sparse = greedy_decode(model, PROMPT, 12)
+    other = _decode_masked_steps(model, at_09, 12)
+    parts = int((sparse.ids != other.ids).nonzero()[0])
+    assert parts < 12, "the two thresholds must give other tokens for this test to mean anything"
+    monkeypatch.setattr(actsparse.kernels, "apply_thresholds", lambda m, t, kv_dense: apply_thresholds(m, at_09, kv_dense))
+    agreement = sparse_vs_masked(model, at_05, PROMPT, 12)
+    assert (agreement.tokens_matched, agreement.tokens_checked) == (parts, 12)
+    assert agreement.max_module_diff <= module_tolerance(torch.float32)
+
+
+def _decode_masked_steps(model, thresholds, steps: int) -> Decoded:
+    with apply_thresholds(model, thresholds):
+        return greedy_decode(model, PROMPT, steps)
+
+
+def _projection_params(config) -> dict[str, int]:
+    """Weights of one decoder layer's projections from the model's config alone."""
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    return {"attention": attention, "ffn": 3 * hidden * config.intermediate_size,
+            "up_down": 2 * hidden * config.intermediate_size}
+
+
+@pytest.mark.parametrize("method, threshold, skipped", [
+    ("cats", 0.0, None), ("cats", float("inf"), "up_down"), ("teal", float("inf"), "all"), ("teal", 0.0, None)])
+def test_weight_bytes_bound_counts_the_weights_a_step_reads(method, threshold, skipped):
+    """At no zeroed channel the bound is 1; with every channel zeroed it is the dense step's bytes
+    over what stays: CATS keeps gate, attention and lm_head; TEAL only the lm_head."""
+    model = _model("llama")
+    layers, config = len(decoder_layers(model)), model.config
+    size = _projection_params(config)
+    components = ("act",) if method == "cats" else ("attn_in", "o_in", "ffn_in", "h")
+    thresholds = {(layer, c): threshold for layer in range(layers) for c in components}
+    with sparsify_for_decode(model, thresholds, break_even=1.0) as handle:
+        greedy_decode(model, PROMPT, 3)
+    dense = layers * (size["attention"] + size["ffn"]) + config.vocab_size * config.hidden_size
+    kept = {None: dense, "up_down": dense - layers * size["up_down"],
+            "all": config.vocab_size * config.hidden_size}[skipped]
+    assert weight_bytes_bound(model, handle) == pytest.approx(dense / kept)
 
 
 def test_speed_stage_writes_the_grid_point_and_the_table(tiny_model_dir, tmp_path):
@@ -371,6 +438,8 @@ def test_speed_stage_writes_the_grid_point_and_the_table(tiny_model_dir, tmp_pat
     result = stages.decode_speed(model_dir, corpus, thresholds, out, "cats", 0.5, prompt_tokens=16, new_tokens=5,
                                  repeats=1, kernel="auto", dtype="float32", provenance={"seed": 0})
     assert result["prompt_tokens"] == 16 and result["device"] == "cpu" and result["max_logit_diff"] < 1e-4
+    assert result["tokens_matched"] == result["tokens_checked"] == 5 and result["max_module_diff"] < 1e-4
+    assert result["bound"] > 1 and 0.3 < result["active_fraction"] < 0.7
     assert result["dense_tps"] > 0 and result["speedup"] == pytest.approx(result["sparse_tps"] / result["dense_tps"])
     table = stages.speed_table([out], tmp_path / "speed.csv")
     assert tuple(table.columns) == columns.SPEED
