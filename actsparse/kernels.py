@@ -159,17 +159,40 @@ class TorchKernel:
 # row once, 8 rows side by side (8 concurrent memory streams keep a memory-bound core busy; one row
 # at a time reached ~2/3 of a dense matvec's bandwidth). PyTorch's gather-then-multiply reads each
 # row, writes it and reads it again. bench_decode.py --sweep --kernel torch|native measures both.
+# Both products are split over the threads PyTorch uses (up by rows, down by output columns), as
+# the dense matvecs they replace are: one core alone streamed a 1.5B model's rows slower than two
+# (bench/RESULTS.md). OpenMP: PyTorch has loaded its libgomp.so.1 by then, so the kernel joins
+# the same thread pool instead of starting a second one.
 _NATIVE_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_ID omp_get_thread_num()
+#define THREAD_COUNT omp_get_num_threads()
+#else
+#define THREAD_ID 0
+#define THREAD_COUNT 1
+#endif
 typedef float vec __attribute__((vector_size(32), aligned(4), may_alias)); /* 8 floats, any alignment */
 #define ROWS 8 /* gathered rows read side by side */
+#define COLUMNS 16 /* a thread's share of the output columns: whole cache lines of y */
 
 static float hsum(vec v) {
     float s = 0;
     for (int l = 0; l < 8; l++) s += v[l];
     return s;
+}
+
+/* This thread's contiguous share [*lo, *hi) of [0, n), cut at multiples of unit: each element is
+   then computed by the same instructions as by one thread, so the result does not depend on the
+   thread count. */
+static void share(int64_t n, int64_t unit, int64_t *lo, int64_t *hi) {
+    int64_t units = (n + unit - 1) / unit, t = THREAD_ID, count = THREAD_COUNT;
+    int64_t a = units * t / count * unit, b = units * (t + 1) / count * unit;
+    *lo = a < n ? a : n;
+    *hi = b < n ? b : n;
 }
 
 /* The channels c whose a[c] is nonzero and not below t[c * t_step] (NaN stays, as in the mask):
@@ -186,11 +209,13 @@ int64_t select_active(const float *restrict a, const float *restrict t, int64_t 
     return k;
 }
 
-/* out[i] = scale[i] * (w[index[i]] . x + bias[index[i]]); bias may be NULL */
-void gather_dot(const float *restrict w, const float *restrict bias, const int64_t *restrict index, int64_t k,
-                const float *restrict x, int64_t hidden, const float *restrict scale, float *restrict out) {
-    int64_t i = 0;
-    for (; i + ROWS <= k; i += ROWS) {
+/* out[i] = scale[i] * (w[index[i]] . x + bias[index[i]]) for this thread's share of the k rows;
+   bias may be NULL */
+static void gather_dot(const float *restrict w, const float *restrict bias, const int64_t *restrict index, int64_t k,
+                       const float *restrict x, int64_t hidden, const float *restrict scale, float *restrict out) {
+    int64_t i, end;
+    share(k, ROWS, &i, &end);
+    for (; i + ROWS <= end; i += ROWS) {
         const float *row[ROWS];
         vec acc[ROWS] = {{0}};
         for (int q = 0; q < ROWS; q++) row[q] = w + index[i + q] * hidden;
@@ -205,7 +230,7 @@ void gather_dot(const float *restrict w, const float *restrict bias, const int64
             out[i + q] = scale[i + q] * sum;
         }
     }
-    for (; i < k; i++) {
+    for (; i < end; i++) {
         const float *row = w + index[i] * hidden;
         float sum = bias ? bias[index[i]] : 0;
         for (int64_t t = 0; t < hidden; t++) sum += row[t] * x[t];
@@ -213,50 +238,59 @@ void gather_dot(const float *restrict w, const float *restrict bias, const int64
     }
 }
 
-/* y = init + sum_i h[i] * w[index[i]]; init may be NULL (zeros) */
-void gather_axpy(const float *restrict w, const float *restrict init, const int64_t *restrict index, int64_t k,
-                 const float *restrict h, int64_t hidden, float *restrict y) {
-    if (init) memcpy(y, init, hidden * sizeof(float)); else memset(y, 0, hidden * sizeof(float));
+/* y = init + sum_i h[i] * w[index[i]] on this thread's share of the hidden columns; init may be
+   NULL (zeros) */
+static void gather_axpy(const float *restrict w, const float *restrict init, const int64_t *restrict index, int64_t k,
+                        const float *restrict h, int64_t hidden, float *restrict y) {
+    int64_t lo, hi;
+    share(hidden, COLUMNS, &lo, &hi);
+    if (init) memcpy(y + lo, init + lo, (hi - lo) * sizeof(float)); else memset(y + lo, 0, (hi - lo) * sizeof(float));
     int64_t i = 0;
     for (; i + ROWS <= k; i += ROWS) {
         const float *row[ROWS];
         for (int q = 0; q < ROWS; q++) row[q] = w + index[i + q] * hidden;
-        int64_t j = 0;
-        for (; j + 8 <= hidden; j += 8) {
+        int64_t j = lo;
+        for (; j + 8 <= hi; j += 8) {
             vec acc = *(const vec *)(y + j);
             for (int q = 0; q < ROWS; q++) acc += h[i + q] * *(const vec *)(row[q] + j);
             *(vec *)(y + j) = acc;
         }
-        for (; j < hidden; j++)
+        for (; j < hi; j++)
             for (int q = 0; q < ROWS; q++) y[j] += h[i + q] * row[q][j];
     }
     for (; i < k; i++) {
         const float *row = w + index[i] * hidden;
-        for (int64_t j = 0; j < hidden; j++) y[j] += h[i] * row[j];
+        for (int64_t j = lo; j < hi; j++) y[j] += h[i] * row[j];
     }
 }
 
 /* One token's FFN in one call: select_active, then, if at most max_active channels are active,
-   y = down(a * up(x)) over them. Returns the active count (y untouched when above max_active). */
+   y = down(a * up(x)) over them on up to `threads` threads. Returns the active count (y
+   untouched when above max_active). */
 int64_t sparse_ffn(const float *restrict a, const float *restrict t, int64_t t_step, int64_t n, int64_t max_active,
                    const float *restrict up, const float *restrict up_bias, const float *restrict down_rows,
                    const float *restrict down_bias, const float *restrict x, int64_t hidden,
-                   int64_t *restrict index, float *restrict active, float *restrict h, float *restrict y) {
+                   int64_t *restrict index, float *restrict active, float *restrict h, float *restrict y, int threads) {
     int64_t k = select_active(a, t, t_step, n, index, active);
     if (k > max_active) return k;
-    gather_dot(up, up_bias, index, k, x, hidden, active, h);
-    gather_axpy(down_rows, down_bias, index, k, h, hidden, y);
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        gather_dot(up, up_bias, index, k, x, hidden, active, h);
+        #pragma omp barrier
+        gather_axpy(down_rows, down_bias, index, k, h, hidden, y);
+    }
     return k;
 }
 
 /* One token through a projection whose input x is thresholded: y = bias + sum over the active
-   inputs c of x[c] * w_rows[c] (w_rows: the weight transposed). Returns the active count (y
-   untouched when above max_active). */
+   inputs c of x[c] * w_rows[c] (w_rows: the weight transposed), on up to `threads` threads.
+   Returns the active count (y untouched when above max_active). */
 int64_t sparse_linear(const float *restrict x, const float *restrict t, int64_t t_step, int64_t n, int64_t max_active,
                       const float *restrict w_rows, const float *restrict bias, int64_t out,
-                      int64_t *restrict index, float *restrict active, float *restrict y) {
+                      int64_t *restrict index, float *restrict active, float *restrict y, int threads) {
     int64_t k = select_active(x, t, t_step, n, index, active);
     if (k > max_active) return k;
+    #pragma omp parallel num_threads(threads) if (threads > 1)
     gather_axpy(w_rows, bias, index, k, active, out, y);
     return k;
 }
@@ -267,12 +301,13 @@ int64_t sparse_linear(const float *restrict x, const float *restrict t, int64_t 
 def native_library() -> ctypes.CDLL | None:
     """The C loops compiled for this machine; None when no compiler works, so decoding falls back
     to ``TorchKernel``."""
-    lib = native.load("sparse decode kernel", _NATIVE_SOURCE)
+    lib = native.load("sparse decode kernel", _NATIVE_SOURCE, ("-fopenmp",)) or native.load(
+        "sparse decode kernel", _NATIVE_SOURCE)  # without OpenMP: one thread
     if lib is None:
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.sparse_ffn.argtypes = [pointer, pointer, size, size, size, *[pointer] * 5, size, *[pointer] * 4]
-    lib.sparse_linear.argtypes = [pointer, pointer, size, size, size, pointer, pointer, size, *[pointer] * 3]
+    pointer, size, count = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.sparse_ffn.argtypes = [pointer, pointer, size, size, size, *[pointer] * 5, size, *[pointer] * 4, count]
+    lib.sparse_linear.argtypes = [pointer, pointer, size, size, size, pointer, pointer, size, *[pointer] * 3, count]
     lib.sparse_ffn.restype = lib.sparse_linear.restype = size
     return lib
 
@@ -282,8 +317,7 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 
 class NativeKernel:
-    """The C loops of ``native_library``: float32 on CPU, one thread (on a memory-bound CPU one
-    core streams the rows nearly as fast as two)."""
+    """The C loops of ``native_library``: float32 on CPU, on PyTorch's thread count."""
 
     # bench_decode.py --sweep, 2 threads: FFN time sparse/dense 0.97 and 0.84 at 80% active
     # (SmolLM2, 7B-shaped layer), 0.98 and 0.91 at 90%, 1.01 and 0.94 at 100%
@@ -315,6 +349,7 @@ class NativeKernel:
             a.data_ptr(), threshold.data_ptr(), 0 if threshold.numel() == 1 else 1, n, max_active,
             self.up.data_ptr(), _pointer(self.up_bias), self.down_rows.data_ptr(), _pointer(self.down_bias),
             x.data_ptr(), hidden, self._index.data_ptr(), self._active.data_ptr(), self._h.data_ptr(), y.data_ptr(),
+            torch.get_num_threads(),
         )
         return (y if k <= max_active else None), k
 
@@ -363,6 +398,7 @@ class NativeLinearKernel:
         k = self.lib.sparse_linear(
             x.data_ptr(), threshold.data_ptr(), 0 if threshold.numel() == 1 else 1, n, max_active,
             self.rows.data_ptr(), _pointer(self.bias), out, self._index.data_ptr(), self._active.data_ptr(), y.data_ptr(),
+            torch.get_num_threads(),
         )
         return (y if k <= max_active else None), k
 

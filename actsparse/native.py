@@ -23,31 +23,31 @@ log = logging.getLogger(__name__)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 
 
-def load(name: str, source: str) -> ctypes.CDLL | None:
-    """``source`` compiled (``$CC`` or ``cc``) and loaded; None, with a warning, if that fails."""
+def load(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """``source`` compiled (``$CC`` or ``cc``, with ``flags`` added) and loaded; None, with a
+    warning, if that fails."""
     compiler = os.environ.get("CC", "cc")
     folder = Path(tempfile.gettempdir()) / f"actsparse-kernels-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     if folder.stat().st_uid != os.getuid():
         raise PermissionError(f"{folder} belongs to another user; refusing to load code from it")
-    digest = stable_hash([source, compiler, *FLAGS, platform.machine()])
+    digest = stable_hash([source, compiler, *FLAGS, *flags, platform.machine()])
     library = folder / f"{name.replace(' ', '-')}-{digest}.so"
-    if not library.is_file() and not _compile(name, compiler, source, library):
+    if not library.is_file() and not _compile(name, [compiler, *FLAGS, *flags], source, library):
         return None
     return ctypes.CDLL(str(library))
 
 
-def _compile(name: str, compiler: str, source: str, library: Path) -> bool:
+def _compile(name: str, command: list[str], source: str, library: Path) -> bool:
     """Build under a per-process name and rename, so concurrent jobs never load a partial file."""
     staging = library.with_name(f"{library.stem}.{os.getpid()}")
     source_file, built = staging.with_suffix(".c"), staging.with_suffix(".so")
     source_file.write_text(source)
     try:
-        command = [compiler, *FLAGS, str(source_file), "-o", str(built)]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        subprocess.run([*command, str(source_file), "-o", str(built)], check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as error:
         reason = getattr(error, "stderr", None) or error
-        log.warning("compiling the C %s failed, falling back to PyTorch: %s", name, reason)
+        log.warning("compiling the C %s with %s failed: %s", name, " ".join(command[1:]), reason)
         return False
     finally:
         source_file.unlink()
