@@ -47,7 +47,7 @@ def _compile(name: str, command: list[str], source: str, library: Path) -> bool:
         subprocess.run([*command, str(source_file), "-o", str(built)], check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as error:
         reason = getattr(error, "stderr", None) or error
-        log.warning("compiling the C %s with %s failed: %s", name, " ".join(command[1:]), reason)
+        log.warning("compiling the C %s failed (%s): %s", name, " ".join(command), reason)
         return False
     finally:
         source_file.unlink()

@@ -325,7 +325,7 @@ def test_auto_kernel_is_native_for_float32_and_torch_without_a_compiler(monkeypa
     try:
         assert native_library() is None
         assert isinstance(make_kernel(weights), TorchKernel)
-        assert "compiling the C sparse decode kernel with" in caplog.text and "failed" in caplog.text
+        assert "compiling the C sparse decode kernel failed" in caplog.text
         with pytest.raises(ValueError, match="C compiler and float32"):
             NativeKernel(weights)
     finally:
