@@ -75,7 +75,7 @@ NBINS = len(EDGES) + 2
 STATS_FORMAT = "actsparse.stats/1"
 STATS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUM_BLOCK_VALUES = 1 << 17  # values summed at a time: 1 MiB of float64, cache-resident
-_PATTERNS = 1 << 15  # bit patterns of a 16-bit float's magnitude
+PATTERNS = 1 << 15  # bit patterns of a 16-bit float's magnitude
 _NAN_SLOT = NBINS  # where NaN magnitudes land in the lookup table, one past the real bins
 _PARTS = ("hist", "sum_abs", "sum_sq")  # TensorStats's arrays, in constructor order
 
@@ -97,7 +97,7 @@ def array_name(layer: int, component: str) -> str:
 @functools.cache
 def _magnitude_bins(dtype: torch.dtype) -> np.ndarray:
     """Bin of every non-negative bit pattern of a 16-bit float dtype (``_NAN_SLOT`` for NaN)."""
-    magnitudes = torch.arange(_PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype)
+    magnitudes = torch.arange(PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype)
     values = magnitudes.to(torch.float64).numpy()
     bins = 1 + np.searchsorted(EDGES, values, side="right")
     bins[values == 0] = ZERO_BIN
@@ -176,7 +176,7 @@ def native_library() -> ctypes.CDLL | None:
 @functools.cache
 def pattern_magnitudes(dtype: torch.dtype) -> torch.Tensor:
     """float32 value of every non-negative bit pattern of a 16-bit float dtype (exact)."""
-    return torch.arange(_PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    return torch.arange(PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).float()
 
 
 def summarize(batch: torch.Tensor, use_native: bool = True) -> BatchSummary:
@@ -191,7 +191,7 @@ def summarize(batch: torch.Tensor, use_native: bool = True) -> BatchSummary:
     if use_native and batch.device.type == "cpu" and native_library() is not None:
         return _summarize_native(batch.detach().contiguous())
     magnitudes = batch.detach().view(torch.int16) & 0x7FFF  # |x|: the sign bit cleared
-    patterns = torch.bincount(magnitudes.reshape(-1), minlength=_PATTERNS)
+    patterns = torch.bincount(magnitudes.reshape(-1), minlength=PATTERNS)
     sums = torch.zeros(2, batch.shape[1], dtype=torch.float64, device=batch.device)
     for block in magnitudes.split(max(1, SUM_BLOCK_VALUES // max(1, batch.shape[1]))):
         values = block.view(batch.dtype).double()
@@ -223,7 +223,7 @@ def _summarize_float32(batch: torch.Tensor) -> BatchSummary:
 
 
 def _summarize_native(batch: torch.Tensor) -> BatchSummary:
-    patterns = np.zeros(_PATTERNS, dtype=np.int64)
+    patterns = np.zeros(PATTERNS, dtype=np.int64)
     sum_abs, sum_sq = np.zeros((2, batch.shape[1]), dtype=np.float64)
     status = native_library().summarize16(
         batch.data_ptr(), batch.shape[0], batch.shape[1], pattern_magnitudes(batch.dtype).data_ptr(),

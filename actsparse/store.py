@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numcodecs
 import numpy as np
 import torch
 import zarr
@@ -82,7 +83,7 @@ from safetensors import SafetensorError, safe_open
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from actsparse.provenance import damage_report
-from actsparse.stats import BatchSummary, Key, StoreStats, array_name, check_key, summarize
+from actsparse.stats import PATTERNS, BatchSummary, Key, StoreStats, array_name, check_key, summarize
 
 STORE_FORMAT = "actsparse.activations/1"
 STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -90,10 +91,13 @@ STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 _DISK_VIEW = {torch.float16: torch.float16, torch.bfloat16: torch.uint16, torch.float32: torch.float32}
 _META_ATTR = "actsparse"
 _MARKER_ATTR = "actsparse_complete"
-SUMMARY_FORMAT = "actsparse.shard-summary/1"
+SUMMARY_FORMAT = "actsparse.shard-summary/2"
 SUMMARY_SUFFIX = ".stats.safetensors"  # a storeless shard's file: statistics and magnitude counts
 _SUMMARY_ATTR = "actsparse_summary"
 _PATTERNS_PART = "magnitude_patterns"
+# A key's 32,768 int64 counts, as bytes: blosc-zstd with bit shuffle (~12 KB a key where the
+# raw counts take 256 KiB; counts are mostly small and zero past the range the values reach).
+_PATTERNS_CODEC = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 _STOP = object()  # tells the writer thread that no more batches come
 COMPRESSIONS = ("fast", "small", "none")
 
@@ -430,7 +434,9 @@ class SummaryWriter:
     A 16-bit float has 32,768 magnitudes, so these counts are the exact distribution of
     ``|x|``: every percentile of it, hence every per-layer threshold, follows from them without
     another forward pass (``quantiles.histogram_quantiles``). They are summed on the values'
-    device (``stats.summarize``), so only the counts and per-channel sums leave a GPU.
+    device (``stats.summarize``), so only the counts and per-channel sums leave a GPU, and are
+    stored compressed (``_PATTERNS_CODEC``, named in the file's metadata): the file's size
+    depends on the model's shape, not on the token count.
 
     Completion: the file is written once, atomically, by a successful ``close()`` and records
     the token count; an existing file is deleted first, so an interrupted writer leaves no
@@ -475,8 +481,10 @@ class SummaryWriter:
     def close(self) -> None:
         """Check every key got all tokens, then write the file."""
         self._keys.check_complete()
-        extra = {f"{array_name(*key)}/{_PATTERNS_PART}": counts for key, counts in self.patterns.items()}
-        self.stats.save(self.path, extra, {_SUMMARY_ATTR: json.dumps(self._metadata)})
+        extra = {f"{array_name(*key)}/{_PATTERNS_PART}": np.frombuffer(_PATTERNS_CODEC.encode(counts), np.uint8)
+                 for key, counts in self.patterns.items()}
+        metadata = {**self._metadata, "patterns_codec": _PATTERNS_CODEC.get_config()}
+        self.stats.save(self.path, extra, {_SUMMARY_ATTR: json.dumps(metadata)})
 
 
 @dataclass(frozen=True)
@@ -516,13 +524,14 @@ def open_summary(path: str | os.PathLike) -> ShardSummary:
                 raise StoreError(f"{path} is not a storeless shard summary (no {_SUMMARY_ATTR} entry)")
             metadata = json.loads(header[_SUMMARY_ATTR])
             keys = [check_key(*key) for key in json.loads(header["keys"])]
+            if metadata.get("format") != SUMMARY_FORMAT:
+                raise StoreError(f"{path}: format {metadata.get('format')!r}, expected {SUMMARY_FORMAT!r} "
+                                 "(delete it and rerun the workflow to rewrite it)")
             names = set(file.keys())
-            patterns = {key: file.get_tensor(name) for key in keys
+            patterns = {key: _decoded_patterns(path, key, file.get_tensor(name)) for key in keys
                         if (name := f"{array_name(*key)}/{_PATTERNS_PART}") in names}
     except SafetensorError as exc:
         raise StoreError(f"{path}: damaged shard summary: {exc}") from exc
-    if metadata.get("format") != SUMMARY_FORMAT:
-        raise StoreError(f"{path}: format {metadata.get('format')!r}, expected {SUMMARY_FORMAT!r}")
     counted = {key: int(counts.sum()) for key, counts in patterns.items()}
     stats = StoreStats.load(path)
     wrong = [key for key in keys if stats[key].count != metadata["tokens"] * stats[key].channels
@@ -530,6 +539,16 @@ def open_summary(path: str | os.PathLike) -> ShardSummary:
     if wrong:
         raise StoreError(f"{path}: keys {wrong} do not count {metadata['tokens']} tokens (damaged summary)")
     return ShardSummary(path, metadata, stats, patterns)
+
+
+def _decoded_patterns(path: Path, key: Key, encoded: np.ndarray) -> np.ndarray:
+    try:
+        counts = np.frombuffer(_PATTERNS_CODEC.decode(encoded.tobytes()), dtype=np.int64)
+    except (RuntimeError, ValueError) as exc:
+        raise StoreError(f"{path}: key {key}: magnitude counts do not decompress (damaged summary): {exc}") from exc
+    if counts.shape != (PATTERNS,):
+        raise StoreError(f"{path}: key {key}: {counts.size} magnitude counts, expected {PATTERNS} (damaged summary)")
+    return counts.copy()  # writable: the fit adds shards' counts
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

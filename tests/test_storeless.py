@@ -16,7 +16,7 @@ from actsparse.methods import GRID, fit, requirements
 from actsparse.models import tiny_model
 from actsparse.sources import ForwardSource
 from actsparse.stats import StoreStats
-from actsparse.store import StoreError, open_summary, stats_path
+from actsparse.store import StoreError, open_store, open_summary, stats_path
 from conftest import FAMILIES
 
 SEQ, BATCH, BOS = 16, 3, 256  # BOS: the byte tokenizer's bos_token_id (models.bos_id)
@@ -134,6 +134,20 @@ def test_shard_summaries_hold_the_stores_statistics_and_no_activations(tmp_path)
             assert np.array_equal(stored[key].sum_abs, summary.stats[key].sum_abs)
             assert summary.patterns[key].sum() == stored[key].count
         assert StoreStats.load(path)[key].count == stored[key].count  # the stats tables read it as is
+
+
+def test_summary_counts_every_stored_magnitude_and_keeps_them_compressed(tmp_path) -> None:
+    """Each key's counts are numpy's count of the stored values' bit patterns with the sign
+    cleared, read back from a file that holds them compressed (raw: 256 KiB a key)."""
+    _, _, stores, summaries = collect_both(tmp_path, "llama", "float16", 1, SEQ * 6)
+    summary = open_summary(summaries[0])
+    with open_store(stores[0]) as store:
+        for layer, component in store.keys():
+            values = torch.cat(list(store.iter_chunks(layer, component))).numpy()
+            expected = np.bincount((values.view(np.uint16) & 0x7FFF).ravel(), minlength=1 << 15)
+            assert np.array_equal(summary.patterns[layer, component], expected), (layer, component)
+    raw_counts = len(summary.patterns) * (1 << 15) * 8
+    assert summaries[0].stat().st_size < raw_counts / 10
 
 
 def test_an_interrupted_shard_leaves_no_summary_and_a_foreign_file_is_refused(tmp_path) -> None:
