@@ -133,6 +133,14 @@ def test_scale_config_is_valid_on_its_own(workdir):
     assert list(config["models"]) == ["qwen2.5-coder-1.5b"]
 
 
+def test_gpu_check_config_is_valid_on_its_own_and_storeless(workdir):
+    """bench/gpu_check.sh runs on a borrowed GPU machine in one call: its config must not fail
+    there, and it checks the storeless fits, so it must collect no store."""
+    config = load_yaml(REPO / "bench/gpu_check.yaml")
+    assert schema_errors(config) == [] and list(relation_errors(config)) == []
+    assert config["collection"]["backend"] == "none" and set(config["methods"]) == {"cats", "chess"}
+
+
 def test_the_files_a_model_source_reads_are_its_rule_inputs(tmp_path):
     checkout = tmp_path / "checkout"
     for name in ("config.json", "tokenizer.json", "weights/model.safetensors", ".git/HEAD", "__pycache__/x.pyc"):
