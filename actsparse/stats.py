@@ -15,8 +15,7 @@ Per (layer, component), on the values *as stored* (float16 or bfloat16):
 
   All bins are half-open on the right, so the count below any edge is exact: the fraction of
   values a threshold equal to that edge zeroes. Total and zero counts are read off ``hist``.
-* ``sum_abs``, ``sum_sq``: float64 per-channel sums of ``|x|`` and ``x**2`` (CHESS's ``mean|u_c|``
-  and its first version's ``E[u_c^2]``).
+* ``sum_abs``: float64 per-channel sums of ``|x|`` (CHESS's ``m_c = mean|u_c|``).
 
 The histogram is exact and cheap because a 16-bit float has only 32,768 magnitudes: one bincount
 of the bit patterns with the sign cleared, then a fixed table from magnitude to bin.
@@ -26,7 +25,7 @@ a block's float64 copy stays in cache, which makes them five times cheaper (~2 n
 one core) than upcasting a whole batch, whose float64 copy streams through memory twice. Float32
 sums would halve that again but are off by ~1e-7 relatively, one float32 unit: enough to change
 CHESS's float32 ``m_c``, so its thresholds would no longer equal the formula's. In float64,
-squares are exact and the relative error of a sum is at most ``rows * 2**-53``.
+the relative error of a sum is at most ``rows * 2**-53``.
 
 On the CPU both come from one small C function (``native``), one pass over the values: ~1.5 ns
 per value against ~4 ns for the PyTorch ops, which stay the path on a GPU and where no C compiler
@@ -72,12 +71,12 @@ ZERO_BIN = 0
 UNDERFLOW_BIN = 1
 OVERFLOW_BIN = len(EDGES) + 1
 NBINS = len(EDGES) + 2
-STATS_FORMAT = "actsparse.stats/1"
+STATS_FORMAT = "actsparse.stats/2"
 STATS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUM_BLOCK_VALUES = 1 << 17  # values summed at a time: 1 MiB of float64, cache-resident
 PATTERNS = 1 << 15  # bit patterns of a 16-bit float's magnitude
 _NAN_SLOT = NBINS  # where NaN magnitudes land in the lookup table, one past the real bins
-_PARTS = ("hist", "sum_abs", "sum_sq")  # TensorStats's arrays, in constructor order
+_PARTS = ("hist", "sum_abs")  # TensorStats's arrays, in constructor order
 
 
 def check_key(layer: int, component: str) -> Key:
@@ -112,7 +111,6 @@ class BatchSummary:
     dtype: torch.dtype
     patterns: np.ndarray | None  # int64 [32768]: values per magnitude bit pattern (16-bit dtypes)
     sum_abs: np.ndarray  # float64 [channels]
-    sum_sq: np.ndarray  # float64 [channels]
     bins: np.ndarray | None = None  # float32: int64 [NBINS + 1], the hist and then the NaN count
 
     @property
@@ -134,10 +132,10 @@ _NATIVE_SOURCE = r"""
 #define BLOCK (1LL << 30) /* values per flush, so no uint32 count overflows */
 
 /* Adds a row-major [rows, cols] array of 16-bit floats (their bit patterns) into patterns (the
-   count of each magnitude bit pattern, sign cleared) and per-column float64 sums of |x| and x^2,
+   count of each magnitude bit pattern, sign cleared) and per-column float64 sums of |x|,
    magnitude[p] being the value of pattern p. Returns -1 if out of memory, else 0. */
 int summarize16(const uint16_t *restrict x, int64_t rows, int64_t cols, const float *restrict magnitude,
-                int64_t *restrict patterns, double *restrict sum_abs, double *restrict sum_sq) {
+                int64_t *restrict patterns, double *restrict sum_abs) {
     uint32_t (*counts)[32768] = calloc(TABLES, sizeof *counts);
     if (!counts) return -1;
     int64_t n = rows * cols;
@@ -152,11 +150,7 @@ int summarize16(const uint16_t *restrict x, int64_t rows, int64_t cols, const fl
     free(counts);
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *row = x + r * cols;
-        for (int64_t c = 0; c < cols; c++) {
-            double v = magnitude[row[c] & 0x7fff];
-            sum_abs[c] += v;
-            sum_sq[c] += v * v;
-        }
+        for (int64_t c = 0; c < cols; c++) sum_abs[c] += magnitude[row[c] & 0x7fff];
     }
     return 0;
 }
@@ -168,7 +162,7 @@ def native_library() -> ctypes.CDLL | None:
     """The C summary compiled for this machine; None (PyTorch ops instead) without a compiler."""
     lib = native.load("stats summary", _NATIVE_SOURCE)
     if lib is not None:
-        lib.summarize16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4]
+        lib.summarize16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 3]
         lib.summarize16.restype = ctypes.c_int
     return lib
 
@@ -192,13 +186,10 @@ def summarize(batch: torch.Tensor, use_native: bool = True) -> BatchSummary:
         return _summarize_native(batch.detach().contiguous())
     magnitudes = batch.detach().view(torch.int16) & 0x7FFF  # |x|: the sign bit cleared
     patterns = torch.bincount(magnitudes.reshape(-1), minlength=PATTERNS)
-    sums = torch.zeros(2, batch.shape[1], dtype=torch.float64, device=batch.device)
+    sum_abs = torch.zeros(batch.shape[1], dtype=torch.float64, device=batch.device)
     for block in magnitudes.split(max(1, SUM_BLOCK_VALUES // max(1, batch.shape[1]))):
-        values = block.view(batch.dtype).double()
-        sums[0] += values.sum(0)
-        sums[1] += values.square_().sum(0)
-    sum_abs, sum_sq = sums.cpu().numpy()
-    return BatchSummary(batch.dtype, patterns.cpu().numpy(), sum_abs, sum_sq)
+        sum_abs += block.view(batch.dtype).double().sum(0)
+    return BatchSummary(batch.dtype, patterns.cpu().numpy(), sum_abs.cpu().numpy())
 
 
 @functools.cache
@@ -210,28 +201,26 @@ def _summarize_float32(batch: torch.Tensor) -> BatchSummary:
     """float32 values have too many magnitudes to count each: their bins come from comparing
     with the edges in float64, block by block like the sums (PyTorch ops, on the batch's device)."""
     counts = torch.zeros(NBINS + 1, dtype=torch.int64, device=batch.device)
-    sums = torch.zeros(2, batch.shape[1], dtype=torch.float64, device=batch.device)
+    sum_abs = torch.zeros(batch.shape[1], dtype=torch.float64, device=batch.device)
     for block in batch.split(max(1, SUM_BLOCK_VALUES // max(1, batch.shape[1]))):
         values = block.abs().double().contiguous()  # bucketize wants contiguous values
         bins = 1 + torch.bucketize(values, _edges_on(batch.device), right=True)
         bins = bins.masked_fill_(values == 0, ZERO_BIN).masked_fill_(values.isnan(), _NAN_SLOT)
         counts += torch.bincount(bins.reshape(-1), minlength=NBINS + 1)
-        sums[0] += values.sum(0)
-        sums[1] += values.square_().sum(0)
-    sum_abs, sum_sq = sums.cpu().numpy()
-    return BatchSummary(batch.dtype, None, sum_abs, sum_sq, counts.cpu().numpy())
+        sum_abs += values.sum(0)
+    return BatchSummary(batch.dtype, None, sum_abs.cpu().numpy(), counts.cpu().numpy())
 
 
 def _summarize_native(batch: torch.Tensor) -> BatchSummary:
     patterns = np.zeros(PATTERNS, dtype=np.int64)
-    sum_abs, sum_sq = np.zeros((2, batch.shape[1]), dtype=np.float64)
+    sum_abs = np.zeros(batch.shape[1], dtype=np.float64)
     status = native_library().summarize16(
         batch.data_ptr(), batch.shape[0], batch.shape[1], pattern_magnitudes(batch.dtype).data_ptr(),
-        patterns.ctypes.data, sum_abs.ctypes.data, sum_sq.ctypes.data,
+        patterns.ctypes.data, sum_abs.ctypes.data,
     )
     if status:
         raise MemoryError("no memory for the statistics' count tables")
-    return BatchSummary(batch.dtype, patterns, sum_abs, sum_sq)
+    return BatchSummary(batch.dtype, patterns, sum_abs)
 
 
 @contextlib.contextmanager
@@ -246,22 +235,17 @@ def _naming(key: Key) -> Iterator[None]:
 class TensorStats:
     """Statistics of one (layer, component): magnitude histogram and per-channel sums."""
 
-    def __init__(self, hist: np.ndarray, sum_abs: np.ndarray, sum_sq: np.ndarray) -> None:
+    def __init__(self, hist: np.ndarray, sum_abs: np.ndarray) -> None:
         if hist.shape != (NBINS,) or hist.dtype != np.int64:
             raise ValueError(f"hist must be int64 [{NBINS}], got {hist.dtype} {hist.shape}")
-        for name, sums in (("sum_abs", sum_abs), ("sum_sq", sum_sq)):
-            if sums.ndim != 1 or sums.dtype != np.float64:
-                raise ValueError(f"{name} must be 1-D float64, got {sums.dtype} {sums.shape}")
-        if sum_abs.shape != sum_sq.shape:
-            raise ValueError(f"sum_abs {sum_abs.shape} and sum_sq {sum_sq.shape} differ in shape")
+        if sum_abs.ndim != 1 or sum_abs.dtype != np.float64:
+            raise ValueError(f"sum_abs must be 1-D float64, got {sum_abs.dtype} {sum_abs.shape}")
         self.hist = hist
         self.sum_abs = sum_abs
-        self.sum_sq = sum_sq
 
     @classmethod
     def empty(cls, channels: int) -> TensorStats:
-        zeros = np.zeros(channels, dtype=np.float64)
-        return cls(np.zeros(NBINS, dtype=np.int64), zeros, zeros.copy())
+        return cls(np.zeros(NBINS, dtype=np.int64), np.zeros(channels, dtype=np.float64))
 
     @property
     def channels(self) -> int:
@@ -296,7 +280,6 @@ class TensorStats:
             raise ValueError(f"batch holds {int(per_bin[_NAN_SLOT])} NaN values")
         self.hist += per_bin[:NBINS].astype(np.int64)
         self.sum_abs += summary.sum_abs
-        self.sum_sq += summary.sum_sq
 
     def merge(self, other: TensorStats) -> None:
         """Add another shard's statistics of the same key into these."""
@@ -304,15 +287,10 @@ class TensorStats:
             raise ValueError(f"cannot merge {other.channels} channels into {self.channels}")
         self.hist += other.hist
         self.sum_abs += other.sum_abs
-        self.sum_sq += other.sum_sq
 
     def channel_mean_abs(self) -> np.ndarray:
         """mean |x| per channel over all tokens (CHESS's ``m_c`` when this key is ``up``)."""
         return self.sum_abs / self._nonempty_tokens()
-
-    def channel_mean_square(self) -> np.ndarray:
-        """mean x**2 per channel over all tokens (the first CHESS version's ``E[u_c^2]``)."""
-        return self.sum_sq / self._nonempty_tokens()
 
     def cdf_at(self, points: np.ndarray | float) -> np.ndarray:
         """Fraction of values with ``|x| < p``: the sparsity a threshold ``p`` would give.
@@ -402,7 +380,8 @@ class StoreStats:
             header = file.metadata() or {}
             if header.get("format") != STATS_FORMAT:
                 found = header.get("format")
-                raise ValueError(f"{path}: not an {STATS_FORMAT} file (format {found!r})")
+                raise ValueError(f"{path}: not an {STATS_FORMAT} file (format {found!r}); "
+                                 "delete it and rerun the workflow to rewrite it")
             if not np.array_equal(file.get_tensor("edges"), EDGES):
                 raise ValueError(f"{path}: histogram edges differ from this version's EDGES")
             stats = cls()
