@@ -3,12 +3,16 @@ bit for bit, the thresholds fitted from the activation stores of the same collec
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from actsparse.anatomy import anatomy_of
 from actsparse.collect import collect_shard, shard_slices
@@ -148,6 +152,45 @@ def test_summary_counts_every_stored_magnitude_and_keeps_them_compressed(tmp_pat
             assert np.array_equal(summary.patterns[layer, component], expected), (layer, component)
     raw_counts = len(summary.patterns) * (1 << 15) * 8
     assert summaries[0].stat().st_size < raw_counts / 10
+
+
+def _rewritten(path: Path, change) -> None:
+    """The summary at ``path`` with ``change(tensors, summary_metadata)`` applied, saved again."""
+    with safe_open(path, framework="numpy") as file:
+        header = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
+    metadata = json.loads(header["actsparse_summary"])
+    change(tensors, metadata)
+    save_file(tensors, path, metadata={**header, "actsparse_summary": json.dumps(metadata)})
+
+
+def _undecodable(tensors: dict, metadata: dict) -> None:
+    name = next(n for n in tensors if n.endswith("/magnitude_patterns"))
+    tensors[name] = np.frombuffer(b"not blosc at all", np.uint8)
+
+
+def _too_few_counts(tensors: dict, metadata: dict) -> None:
+    name = next(n for n in tensors if n.endswith("/magnitude_patterns"))
+    codec = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    tensors[name] = np.frombuffer(codec.encode(np.zeros(100, np.int64)), np.uint8)
+
+
+def _older_format(tensors: dict, metadata: dict) -> None:
+    metadata["format"] = "actsparse.shard-summary/1"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (_undecodable, "magnitude counts do not decompress"),
+    (_too_few_counts, "100 magnitude counts, expected 32768"),
+    (_older_format, "expected 'actsparse.shard-summary/2' .delete it and rerun"),
+])
+def test_a_damaged_or_older_summary_is_refused_naming_the_file(tmp_path, change, message) -> None:
+    _, _, _, summaries = collect_both(tmp_path, "llama", "float16", 1, SEQ * 4)
+    open_summary(summaries[0])  # intact: accepted
+    _rewritten(summaries[0], change)
+    with pytest.raises(StoreError, match=message) as error:
+        open_summary(summaries[0])
+    assert str(summaries[0]) in str(error.value)
 
 
 def test_an_interrupted_shard_leaves_no_summary_and_a_foreign_file_is_refused(tmp_path) -> None:
