@@ -158,6 +158,8 @@ def collect_shard(
     bos_id: int,
     progress: bool = False,
     compression: str = "fast",
+    summed: Iterable[str] | None = None,
+    counted: Iterable[str] | None = None,
 ) -> None:
     """Write every layer's ``components`` over the shard's tokens into the store ``out_path``.
 
@@ -166,16 +168,19 @@ def collect_shard(
     sequence (``models.bos_id``, the one place that decides it). The path's suffix picks the
     backend (``.zarr`` or ``.h5``), and a path ending in ``.stats.safetensors`` writes no
     activations, only the shard's summary (``sources.SummaryWriter``: the storeless mode);
-    ``compression`` is a store's codec (``store.COMPRESSIONS``).
+    ``compression`` is a store's codec (``store.COMPRESSIONS``). ``summed`` and ``counted``: the
+    components whose channel sums the statistics keep and whose magnitudes a summary counts
+    (``SummaryWriter``; None: all).
     """
     components = tuple(components)
     stored_dtype = _stored_dtype(dtype)
     device = next(model.parameters()).device
-    writer_args = dict(model=model_name, corpus=corpus_slice, dtype=stored_dtype, provenance=provenance)
+    summed = None if summed is None else tuple(summed)
+    writer_args = dict(model=model_name, corpus=corpus_slice, dtype=stored_dtype, provenance=provenance, summed=summed)
 
     def open_writer() -> StoreWriter | SummaryWriter:
         if str(out_path).endswith(SUMMARY_SUFFIX):
-            return SummaryWriter(out_path, **writer_args)
+            return SummaryWriter(out_path, **writer_args, counted=None if counted is None else tuple(counted))
         _one_zarr_worker_beside(device)
         return StoreWriter(
             out_path, **writer_args,

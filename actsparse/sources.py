@@ -140,8 +140,9 @@ class ForwardSource:
         return [(str(summary.path), summary.keys()) for summary in self.summaries]
 
     def magnitude_counts(self, key: Key) -> tuple[np.ndarray, np.ndarray] | None:
-        """From the summaries' counts of 16-bit magnitudes; None for float32 (none counted)."""
-        if self.dtype == torch.float32:
+        """From the summaries' counts of 16-bit magnitudes; None for float32 and for a key some
+        summary did not count (its fit then makes the sketch's passes: the same thresholds)."""
+        if self.dtype == torch.float32 or any(key not in summary.patterns for summary in self.summaries):
             return None
         counts = sum(summary.patterns[key] for summary in self.summaries)
         return pattern_magnitudes(self.dtype).numpy(), counts

@@ -63,7 +63,11 @@ def collect_activations(
     dtype: str,
     device: str,
     provenance: dict,
+    summed: list[str] | None = None,
+    counted: list[str] | None = None,
 ) -> None:
+    """One calibration shard: a store, or (``out_path`` a summary) the storeless summary; channel
+    sums for ``summed``, magnitude counts for ``counted`` (None: every component)."""
     from actsparse import collect, models
 
     model, tokenizer = models.load_model(model_dir, device, dtype)
@@ -74,6 +78,7 @@ def collect_activations(
     collect.collect_shard(
         model, tokens, shard_slice, out_path, components, seq_len, batch_size, store_dtype, provenance,
         Path(model_dir).name, models.bos_id(tokenizer), progress=True, compression=compression,
+        summed=summed, counted=counted,
     )
 
 

@@ -69,7 +69,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,7 @@ from safetensors import SafetensorError, safe_open
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from actsparse.provenance import damage_report
-from actsparse.stats import PATTERNS, BatchSummary, Key, StoreStats, array_name, check_key, summarize
+from actsparse.stats import PATTERNS, BatchSummary, Key, StoreStats, array_name, check_key, compressor, summarize
 
 STORE_FORMAT = "actsparse.activations/1"
 STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -97,7 +97,7 @@ _SUMMARY_ATTR = "actsparse_summary"
 _PATTERNS_PART = "magnitude_patterns"
 # A key's 32,768 int64 counts, as bytes: blosc-zstd with bit shuffle (~12 KB a key where the
 # raw counts take 256 KiB; counts are mostly small and zero past the range the values reach).
-_PATTERNS_CODEC = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+_PATTERNS_CODEC = compressor()
 _STOP = object()  # tells the writer thread that no more batches come
 COMPRESSIONS = ("fast", "small", "none")
 
@@ -307,6 +307,7 @@ class StoreWriter:
         queue_size: int = 16,
         overwrite: bool = False,
         compression: str = "fast",
+        summed: Collection[str] | None = None,
     ) -> None:
         self.path = Path(path)
         self._backend = _backend(self.path)
@@ -320,7 +321,7 @@ class StoreWriter:
             raise FileExistsError(f"{self.path} exists; remove it or pass overwrite=True")
         self.dtype = dtype
         self.tokens = corpus.tokens
-        self.stats = StoreStats()  # updated by the writer thread; complete after close()
+        self.stats = StoreStats(summed)  # updated by the writer thread; complete after close()
         self._compression = compression
         self._chunk_rows = min(token_block, self.tokens)
         self._keys = _KeyRows(self.path, self.tokens)
@@ -436,7 +437,10 @@ class SummaryWriter:
     another forward pass (``quantiles.histogram_quantiles``). They are summed on the values'
     device (``stats.summarize``), so only the counts and per-channel sums leave a GPU, and are
     stored compressed (``_PATTERNS_CODEC``, named in the file's metadata): the file's size
-    depends on the model's shape, not on the token count.
+    depends on the model's shape, not on the token count. ``counted`` limits the counts to the
+    components a per-layer fit reads them for (the workflow: the masked ones), ``summed`` the
+    channel sums to the components a method reads for its scales (``StoreStats``); None keeps
+    both for every component. A fit over a key without counts makes its passes instead.
 
     Completion: the file is written once, atomically, by a successful ``close()`` and records
     the token count; an existing file is deleted first, so an interrupted writer leaves no
@@ -444,15 +448,17 @@ class SummaryWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, model: str, corpus: CorpusSlice,
-                 dtype: torch.dtype = torch.float16, provenance: Mapping[str, Any] | None = None) -> None:
+                 dtype: torch.dtype = torch.float16, provenance: Mapping[str, Any] | None = None,
+                 summed: Collection[str] | None = None, counted: Collection[str] | None = None) -> None:
         self.path = Path(path)
         if not self.path.name.endswith(SUMMARY_SUFFIX):
             raise ValueError(f"{self.path}: shard summary paths end in {SUMMARY_SUFFIX}")
         _check_dtype(dtype)
         self.dtype = dtype
         self.tokens = corpus.tokens
-        self.stats = StoreStats()
+        self.stats = StoreStats(summed)
         self.patterns: dict[Key, np.ndarray] = {}
+        self._counted = None if counted is None else frozenset(counted)
         self._keys = _KeyRows(self.path, self.tokens)
         self._metadata = {
             "format": SUMMARY_FORMAT, "model": model, "corpus": asdict(corpus), "dtype": _dtype_name(dtype),
@@ -471,12 +477,15 @@ class SummaryWriter:
         key, _ = self._keys.add(layer, component, batch)
         summary = summarize(stored_values(batch, self.dtype))
         self.stats.add(*key, summary)
-        if summary.patterns is None:  # float32: too many magnitudes to count each
+        if summary.patterns is None or not self._counts(component):  # float32: too many magnitudes to count each
             return
         if key in self.patterns:
             self.patterns[key] += summary.patterns
         else:
             self.patterns[key] = summary.patterns.copy()
+
+    def _counts(self, component: str) -> bool:
+        return self._counted is None or component in self._counted
 
     def close(self) -> None:
         """Check every key got all tokens, then write the file."""

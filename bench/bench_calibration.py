@@ -37,8 +37,15 @@ from pathlib import Path
 
 import torch
 
+from actsparse.registry import requirements
+
 METHODS = ("cats", "chess")
-COMPONENTS = ("act", "up")  # what cats and chess collect (methods.requirements)
+# As the workflow collects for them: every component they fit on (act, up), magnitude counts of
+# the masked ones (act) and channel sums of those read for scales (up, chess's m_c)
+_NEEDS = [requirements(method) for method in METHODS]
+COMPONENTS = sorted({c for need in _NEEDS for c in need.collect})
+COUNTED = sorted({c for need in _NEEDS for c in need.masks})
+SUMMED = sorted(set(COMPONENTS) - set(COUNTED))
 SEQ_LEN, BATCH = 512, 4
 CORPUS = "resources/data/wikitext-2-raw/wiki.valid.raw.gz"
 PAPER_TOKENS = 131072
@@ -76,7 +83,8 @@ def _collect(model_dir: str, tokens: int, out: Path) -> dict:
     from actsparse.collect import collect_shard
 
     model, ids, part, bos = _setup(model_dir, tokens)
-    collect_shard(model, ids, part, out, COMPONENTS, SEQ_LEN, BATCH, "float16", {}, "smollm2", bos)
+    collect_shard(model, ids, part, out, COMPONENTS, SEQ_LEN, BATCH, "float16", {}, "smollm2", bos,
+                  summed=SUMMED, counted=COUNTED)
     return {}
 
 

@@ -6,6 +6,8 @@ rule collect_activations:
         **shard_outputs("{model}", "{shard}"),
     params:
         components=collected_components(),
+        summed=summed_components(),
+        counted=counted_components(),
         shards=config["collection"]["shards"],
         seq_len=config["collection"]["seq_len"],
         batch_size=config["collection"]["batch_size"],

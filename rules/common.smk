@@ -117,6 +117,18 @@ def collected_components():
     return sorted({c for m in METHODS for c in requirements(*configured(m, config)).collect})
 
 
+def summed_components():
+    """The components whose channel sums some configured method reads for its scales (CHESS: up)."""
+    needs = [requirements(*configured(m, config)) for m in METHODS]
+    return sorted({c for r in needs for c in r.collect if c not in r.masks})
+
+
+def counted_components():
+    """The components some configured method thresholds: a storeless summary counts their
+    magnitudes, from which a per-layer fit reads its thresholds without another forward."""
+    return sorted({c for m in METHODS for c in requirements(*configured(m, config)).masks})
+
+
 def allocation_of(wildcards):
     """The greedy allocation a method entry's levels are selected with; none for uniform."""
     if options(*configured(wildcards.method, config)).allocation == "uniform":

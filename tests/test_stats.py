@@ -12,6 +12,7 @@ from actsparse.stats import (
     NBINS,
     OVERFLOW_BIN,
     UNDERFLOW_BIN,
+    STATS_FORMAT,
     ZERO_BIN,
     StoreStats,
     TensorStats,
@@ -197,12 +198,45 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert not path.with_name(path.name + ".partial").exists()
 
 
+def test_channel_sums_are_kept_only_for_the_summed_components(tmp_path) -> None:
+    stats = StoreStats(summed={"up"})
+    up, act = activations(torch.float16), activations(torch.float16, channels=7)
+    stats.update(0, "up", up)
+    stats.update(0, "act", act)
+    path = tmp_path / "shard-0.stats.safetensors"
+    stats.save(path)
+    loaded = StoreStats.load(path)
+
+    np.testing.assert_allclose(loaded[0, "up"].channel_mean_abs(), up.abs().double().mean(0).numpy(), rtol=RTOL)
+    assert loaded[0, "act"].sum_abs is None
+    assert (loaded[0, "act"].channels, loaded[0, "act"].tokens) == (7, len(act))
+    assert np.array_equal(loaded[0, "act"].hist, stats[0, "act"].hist)
+    with pytest.raises(ValueError, match="no channel sums were kept"):
+        loaded[0, "act"].channel_mean_abs()
+    with pytest.raises(ValueError, match="with channel sums and statistics without"):
+        loaded[0, "act"].merge(TensorStats.empty(7))
+
+
+def test_a_format_2_file_with_every_sum_still_loads(tmp_path) -> None:
+    from safetensors.numpy import save
+
+    from actsparse.provenance import write_safetensors
+
+    stats = StoreStats()
+    stats.update(3, "up", activations(torch.bfloat16))
+    path = tmp_path / "old.stats.safetensors"
+    arrays = {"edges": EDGES, "layers/3/up/hist": stats[3, "up"].hist, "layers/3/up/sum_abs": stats[3, "up"].sum_abs}
+    write_safetensors(path, save(arrays, metadata={"format": "actsparse.stats/2", "keys": '[[3, "up"]]'}))
+    loaded = StoreStats.load(path)
+    assert np.array_equal(loaded[3, "up"].sum_abs, stats[3, "up"].sum_abs)
+
+
 def test_load_refuses_a_foreign_file(tmp_path) -> None:
     from safetensors.numpy import save_file
 
     path = tmp_path / "other.safetensors"
     save_file({"edges": EDGES}, path, metadata={"format": "something else"})
-    with pytest.raises(ValueError, match="not an actsparse.stats/2 file .* delete it and rerun"):
+    with pytest.raises(ValueError, match=f"not an {STATS_FORMAT} file .* delete it and rerun"):
         StoreStats.load(path)
 
 

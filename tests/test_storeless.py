@@ -54,16 +54,22 @@ def components(net: torch.nn.Module) -> list[str]:
     return sorted(wanted)
 
 
-def collect_both(directory: Path, family: str, dtype: str, shards: int, tokens: int):
+def collect_both(directory: Path, family: str, dtype: str, shards: int, tokens: int,
+                 counted: list[str] | None = None):
     """The same collection twice: HDF5 stores (quicker to open than zarr at this size), and shard
-    summaries without stores."""
+    summaries without stores; as the workflow collects, channel sums only for the components
+    read for scales (up) and, unless ``counted`` says otherwise, counts for the masked ones."""
     net, ids = model(family), corpus(tokens)
+    needs = [requirements(method_of(name), p, gated=anatomy_of(net).gated) for name, p in METHODS.items()]
+    summed = {c for r in needs for c in r.collect if c not in r.masks}
+    counted = {c for r in needs for c in r.masks} if counted is None else counted
     stores, summaries = [], []
     for part in shard_slices(len(ids), shards, SEQ):
         for paths, name in ((stores, f"shard-{part.shard_index}.h5"),
                             (summaries, f"shard-{part.shard_index}.stats.safetensors")):
             paths.append(directory / name)
-            collect_shard(net, ids, part, paths[-1], components(net), SEQ, BATCH, dtype, {}, "tiny", BOS)
+            collect_shard(net, ids, part, paths[-1], components(net), SEQ, BATCH, dtype, {}, "tiny", BOS,
+                          summed=summed, counted=counted)
     return net, ids, stores, summaries
 
 
@@ -110,6 +116,22 @@ def test_storeless_thresholds_equal_stored_ones_bit_for_bit(tmp_path, family, dt
 @pytest.mark.parametrize("family", FAMILIES)
 def test_storeless_equals_stored_for_every_family_dtype_and_shard_count(tmp_path, family, dtype, shards) -> None:
     check_every_method(tmp_path, family, dtype, shards, tokens=SEQ * 7)
+
+
+def test_a_key_without_counts_is_fitted_from_the_passes_with_the_same_thresholds(tmp_path) -> None:
+    """Summaries that counted act only: teal's keys take the sketch's two passes, cats' none."""
+    net, ids, stores, summaries = collect_both(tmp_path, "llama", "float16", 2, SEQ * 3, counted=["act"])
+    assert {c for _, c in open_summary(summaries[0]).patterns} == {"act"}
+    for method, forwards in (("cats", 0), ("teal", 2)):
+        source = ForwardSource(net, ids, summaries, SEQ, BATCH, BOS)
+        assert_bitwise_equal(fit(method, stores, LEVELS, {}), fit(method, source, LEVELS, {}))
+        assert source.forwards == forwards
+
+
+def test_only_the_scales_components_keep_channel_sums(tmp_path) -> None:
+    _, _, stores, summaries = collect_both(tmp_path, "llama", "float16", 1, SEQ * 2)
+    for stats in (StoreStats.load(stats_path(stores[0])), open_summary(summaries[0]).stats):
+        assert {c for key in stats if stats[key].sum_abs is not None for c in [key[1]]} == {"up"}
 
 
 def test_pass_2_takes_a_forward_per_group_of_keys_whose_counts_fit(tmp_path, monkeypatch) -> None:
