@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -158,8 +158,8 @@ def collect_shard(
     bos_id: int,
     progress: bool = False,
     compression: str = "fast",
-    summed: Iterable[str] | None = None,
-    counted: Iterable[str] | None = None,
+    summed: Collection[str] | None = None,
+    counted: Collection[str] | None = None,
 ) -> None:
     """Write every layer's ``components`` over the shard's tokens into the store ``out_path``.
 
@@ -175,12 +175,11 @@ def collect_shard(
     components = tuple(components)
     stored_dtype = _stored_dtype(dtype)
     device = next(model.parameters()).device
-    summed = None if summed is None else tuple(summed)
     writer_args = dict(model=model_name, corpus=corpus_slice, dtype=stored_dtype, provenance=provenance, summed=summed)
 
     def open_writer() -> StoreWriter | SummaryWriter:
         if str(out_path).endswith(SUMMARY_SUFFIX):
-            return SummaryWriter(out_path, **writer_args, counted=None if counted is None else tuple(counted))
+            return SummaryWriter(out_path, **writer_args, counted=counted)
         _one_zarr_worker_beside(device)
         return StoreWriter(
             out_path, **writer_args,

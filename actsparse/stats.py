@@ -415,6 +415,7 @@ class StoreStats:
                                  "delete it and rerun the workflow to rewrite it")
             if not np.array_equal(file.get_tensor("edges"), EDGES):
                 raise ValueError(f"{path}: histogram edges differ from this version's EDGES")
+            verify_safetensors(path)  # before decoding: damaged compressed bytes name the file
             keys = json.loads(header["keys"])
             channels = json.loads(header.get("channels", "null")) or [None] * len(keys)  # format 2: from the sums
             names = set(file.keys())
@@ -423,19 +424,9 @@ class StoreStats:
                 name = array_name(layer, component)
                 sum_abs = None
                 if f"{name}/{_SUMS_PART}" in names:
-                    sum_abs = _decoded_sums(path, file.get_tensor(f"{name}/{_SUMS_PART}"))
+                    encoded = file.get_tensor(f"{name}/{_SUMS_PART}").tobytes()
+                    sum_abs = np.frombuffer(compressor().decode(encoded), np.float64).copy()  # writable: merges add
                 elif f"{name}/sum_abs" in names:  # format 2
                     sum_abs = file.get_tensor(f"{name}/sum_abs")
                 stats._stats[check_key(layer, component)] = TensorStats(file.get_tensor(f"{name}/hist"), sum_abs, width)
-        verify_safetensors(path)
         return stats
-
-
-def _decoded_sums(path: str | os.PathLike, encoded: np.ndarray) -> np.ndarray:
-    """A key's float64 channel sums from their compressed bytes; a damaged file is named."""
-    try:
-        decoded = compressor().decode(encoded.tobytes())
-    except (RuntimeError, ValueError):
-        verify_safetensors(path)  # names the file and how to regenerate it
-        raise
-    return np.frombuffer(decoded, dtype=np.float64).copy()  # writable: merging adds shards' sums

@@ -72,6 +72,20 @@ def test_a_flipped_tensor_bit_names_the_file_and_how_to_regenerate_it(tmp_path, 
     assert f"`rm {path}`, then run the workflow again" in message
 
 
+def test_damaged_compressed_channel_sums_name_the_file_before_they_are_decoded(tmp_path):
+    path = tmp_path / "stats.safetensors"
+    stats_file(path)
+    with safe_open(path, framework="numpy") as file:
+        assert "layers/0/act/sum_abs.blosc" in file.keys()
+    raw = bytearray(path.read_bytes())
+    header = json.loads(raw[8 : tensor_bytes_start(path)])
+    start, _ = header["layers/0/act/sum_abs.blosc"]["data_offsets"]
+    raw[tensor_bytes_start(path) + start + 4] ^= 0xFF  # the blosc header's size field: undecodable
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DamagedFileError, match=f"{path} is damaged: its checksum does not match"):
+        StoreStats.load(path)
+
+
 def test_a_changed_metadata_value_is_caught_too(tmp_path):
     path = tmp_path / "thresholds.safetensors"
     thresholds_file(path)
