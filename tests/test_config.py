@@ -24,8 +24,9 @@ FAST_DRY_RUNS = {
 }
 MAX_LINES = 15
 # Snakemake reads a --configfile before the workflow starts and says only "not valid JSON or YAML";
-# `actsparse list` parses each file first and names the line (README "Configuration")
-THROUGH_ACTSPARSE = {"yaml_syntax_error"}
+# `make run CONFIG=...` (and `make dry-run`) check each file first and name the line (README
+# "Configuration")
+THROUGH_MAKE = {"yaml_syntax_error"}
 
 
 def expected_message(path: Path) -> str:
@@ -85,7 +86,7 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
 
 def dry_run_cases():
     for path in BAD_CONFIGS:
-        marks = () if path.stem in FAST_DRY_RUNS | THROUGH_ACTSPARSE else (pytest.mark.slow,)
+        marks = () if path.stem in FAST_DRY_RUNS | THROUGH_MAKE else (pytest.mark.slow,)
         yield pytest.param(path, marks=marks, id=path.stem)
 
 
@@ -93,14 +94,26 @@ def dry_run_cases():
 def test_dry_run_with_a_bad_config_stops_before_any_job_in_a_few_lines(path, workdir):
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "1",
            "--directory", str(workdir), "--configfile", str(path), "--dry-run"]
-    if path.stem in THROUGH_ACTSPARSE:
-        cmd = [sys.executable, "-m", "actsparse.cli", "list", "--configfile", str(path)]
+    if path.stem in THROUGH_MAKE:  # -o: the installed venv counts as up to date, nothing reinstalls
+        cmd = ["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "dry-run", f"CONFIG={path}"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     output = run.stdout + run.stderr
     assert run.returncode != 0
     assert expected_message(path) in output
     assert len(output.splitlines()) <= MAX_LINES, output
     assert "Building DAG" not in output and not (workdir / "results").exists()
+
+
+def test_check_command_passes_a_good_config_and_names_the_key_of_a_bad_one(workdir):
+    good, bad = workdir / "good.yaml", REPO / "tests/data/bad_configs/misspelt_method.yaml"
+    good.write_text("models: {m: {tiny: {family: llama}}}\n")
+    ok = subprocess.run([sys.executable, "-m", "actsparse.cli", "check", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and f"config ok: {good}" in ok.stdout, ok.stderr
+    # later files override earlier ones key by key, as Snakemake merges them
+    refused = subprocess.run([sys.executable, "-m", "actsparse.cli", "check", str(good), str(bad)],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert expected_message(bad) in refused.stderr and str(bad) in refused.stderr
 
 
 def readme_example(caption: str) -> str:
