@@ -284,7 +284,7 @@ def decode_speed(
     alike is recorded). The prompt is ``[BOS]`` + the first evaluation tokens."""
     from actsparse import models
 
-    model, tokenizer = models.load_model(model_dir, "cpu", dtype)
+    model, tokenizer = models.load_model(model_dir, "cpu", dtype, own_memory=True)
     text = corpora.load_corpus(corpus_path)["input_ids"][: prompt_tokens - 1]
     prompt = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])
     values, metadata = methods.load_thresholds(thresholds)

@@ -89,7 +89,7 @@ def wikitext_tokens(tokenizer, count: int) -> torch.Tensor:
 def real_model(args) -> tuple[torch.nn.Module, dict, torch.Tensor]:
     """The model, |x| samples of its calibration tokens for the methods' components, and the
     prompt (the tokens after them)."""
-    model, tokenizer = load_model(args.model_dir)
+    model, tokenizer = load_model(args.model_dir, own_memory=True)
     tokens = wikitext_tokens(tokenizer, args.calib_tokens + args.prompt_tokens)
     components = {c for method in args.methods for c in THRESHOLDED[method]}
     return model, abs_samples(model, tokens[: args.calib_tokens], components), tokens[args.calib_tokens :]

@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = models.load_model(Path(args.model_dir), "cpu", "float32")
+    model, tokenizer = models.load_model(Path(args.model_dir), "cpu", "float32", own_memory=True)
     anatomy = anatomy_of(model)
     text = corpora.load_corpus(Path(args.corpus))["input_ids"][: args.prompt_tokens - 1]
     prompt = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])
@@ -104,13 +104,17 @@ def main() -> None:
 
     handle = sparsify_for_decode(model, values, kv_dense=kv_dense)
     sparse_parts: dict[nn.Module, str] = {}
+    members: dict[int, list[str]] = defaultdict(list)  # projections of one shared input: one kernel call
     for name, module in model.named_modules():
+        if isinstance(module, SparseInputLinear):
+            members[id(module.shared)].append(name.rpartition(".")[2])
+    for module in model.modules():
         if isinstance(module, SparseGatedMLP):  # stands in for the MLP, whose hooks then do not fire
             hooks += timers.time(module, "ffn")
             timers.wrap_kernel(module)
             sparse_parts[module] = "ffn: up+down (sparse kernel)"
-        elif isinstance(module, SparseInputLinear):
-            sparse_parts[module] = f"sparse {name.rpartition('.')[2]} (kernel)"
+        elif isinstance(module, SparseInputLinear):  # the first member called computes the group's outputs
+            sparse_parts[module] = f"sparse {'+'.join(members[id(module.shared)])} (kernel)"
             hooks += timers.time(module, sparse_parts[module])
     handle.remove()
     order: list[bool] = []  # per single-token step: was it sparse

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from actsparse import kernels
 from actsparse.anatomy import anatomy_of, decoder_layers
 from actsparse.hooks import apply_thresholds, capture
 from actsparse.kernels import (
@@ -121,6 +122,40 @@ def test_sparse_inputs_of_all_projections_equal_masked_dense(family, kernel):
     assert handle.paths() == {"prefill": len(handle.modules), "sparse": len(handle.modules) * (STEPS - 1)}
     assert handle.active_fraction() == pytest.approx(0.5, abs=0.2)
     assert dict(model.named_parameters()).keys() == dict(_model(family).named_parameters()).keys()
+
+
+def test_projections_of_one_input_share_one_kernel_call_a_token():
+    """q, k and v (attn_in) and gate and up (ffn_in) each run as one kernel step per token, whose
+    slices equal each projection's own masked dense output; a layouts' copy is counted once."""
+    model = _model("qwen2")
+    thresholds = percentiles("qwen2", TEAL_INPUTS, 0.5)
+    with sparsify_for_decode(model, thresholds, break_even=1.0, kernel="native") as handle:
+        kernels = {id(m.kernel): m.kernel for m in handle.modules}
+        calls = {key: 0 for key in kernels}
+        for key, kernel in kernels.items():
+            def counted(*args, key=key, step=kernel.step):
+                calls[key] += 1
+                return step(*args)
+            kernel.step = counted
+        greedy_decode(model, PROMPT, STEPS)
+        extra = handle.extra_bytes()
+    layers = len(decoder_layers(model))
+    assert len(kernels) == 4 * layers  # attn_in (q, k, v), o_in, ffn_in (gate, up), h
+    assert set(calls.values()) == {STEPS - 1}  # once per single-token step, whoever asked first
+    assert extra == sum(m.weight.numel() * 4 for m in handle.modules)  # each transposed weight once
+
+
+def test_a_member_given_another_input_computes_it_afresh():
+    """A projection never returns an output its group computed for a different tensor."""
+    model = _model("qwen2")
+    thresholds = {(0, "attn_in"): 0.1}
+    attention = decoder_layers(model)[0].self_attn
+    x1, x2 = torch.randn(1, 1, model.config.hidden_size), torch.randn(1, 1, model.config.hidden_size)
+    with torch.inference_mode(), sparsify_for_decode(model, thresholds, break_even=1.0):
+        q1, k2, v2, k1 = attention.q_proj(x1), attention.k_proj(x2), attention.v_proj(x2), attention.k_proj(x1)
+        for got, module, x in ((q1, attention.q_proj, x1), (k2, attention.k_proj, x2),
+                               (v2, attention.v_proj, x2), (k1, attention.k_proj, x1)):
+            torch.testing.assert_close(got, module.masked_dense(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma"])
@@ -274,29 +309,34 @@ def test_step_is_select_then_ffn_and_stops_above_max_active(build, hidden):
     assert kernel.step(as32(x), as32(a), as32(t), max_active=len(keep) - 1) == (None, len(keep))
 
 
-def test_native_kernels_give_the_same_bits_on_any_thread_count():
-    """The C products split rows (up) and output columns (down, projections) between threads at
-    multiples of their vector widths, so every output element is computed by the same
-    instructions: 1, 2 and 3 threads agree bit for bit, on shapes that leave tails everywhere."""
+def test_native_kernels_give_the_same_bits_on_any_thread_count(monkeypatch):
+    """The C products split the active rows into fixed parts summed in order (FFN, projections),
+    or a wide projection's output columns at multiples of the vector width, so every output
+    element is computed by the same instructions: 1, 2 and 3 threads agree bit for bit, on shapes
+    that leave tails everywhere, by parts and by columns."""
     rng = np.random.default_rng(9)
     channels, hidden = 203, 75
     _, weights = _random_ffn(rng, channels, hidden)
     x, a = torch.tensor(rng.standard_normal(hidden), dtype=torch.float32), torch.tensor(rng.standard_normal(channels), dtype=torch.float32)
     t = torch.tensor(0.3)
-    ffn, linear = NativeKernel(weights), NativeLinearKernel(weights.down, weights.down_bias)
+    ffn, by_parts = NativeKernel(weights), NativeLinearKernel(weights.down, weights.down_bias)
+    monkeypatch.setattr(kernels, "COLUMN_SPLIT_OUT", hidden - 1)  # an output this wide splits by columns
+    by_columns = NativeLinearKernel(weights.down, weights.down_bias)
+    assert (by_parts._parts, by_columns._parts) == (kernels.PARTS, 0)
     before = torch.get_num_threads()
     outputs = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outputs.append((ffn.step(x, a, t, channels)[0], linear.step(a, t, channels)[0]))
+            outputs.append([ffn.step(x, a, t, channels)[0], *(k.step(a, t, channels)[0] for k in (by_parts, by_columns))])
     finally:
         torch.set_num_threads(before)
-    assert all(y is not None for pair in outputs for y in pair)
-    for ffn_y, linear_y in outputs[1:]:
-        assert torch.equal(ffn_y, outputs[0][0]) and torch.equal(linear_y, outputs[0][1])
+    assert all(y is not None for ys in outputs for y in ys)
+    for ys in outputs[1:]:
+        assert all(torch.equal(y, y0) for y, y0 in zip(ys, outputs[0]))
     masked = a.masked_fill(a.abs() < t, 0)
-    torch.testing.assert_close(outputs[0][1], weights.down @ masked + weights.down_bias, rtol=1e-5, atol=1e-4)
+    for linear_y in outputs[0][1:]:
+        torch.testing.assert_close(linear_y, weights.down @ masked + weights.down_bias, rtol=1e-5, atol=1e-4)
 
 
 def test_native_kernel_rejects_input_it_would_misread():

@@ -20,6 +20,19 @@ def test_imported_tiny_model_reloads_with_identical_logits(family, tiny_model_di
         assert torch.equal(original(ids).logits, reloaded(ids).logits)
 
 
+def test_own_memory_copies_every_weight_out_of_the_checkpoint_aligned_and_keeps_ties(tiny_model_dir):
+    """Checked against the plain load: the same values, no storage shared with it (the file
+    mapping), every weight on a 64-byte line, and Qwen2's embedding and lm_head still one tensor."""
+    mapped, _ = load_model(tiny_model_dir("qwen2"))
+    owned, _ = load_model(tiny_model_dir("qwen2"), own_memory=True)
+    pairs = list(zip(mapped.named_parameters(), owned.named_parameters()))
+    assert pairs and all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in pairs)
+    mapped_storage = {p.untyped_storage().data_ptr() for p in mapped.parameters()}
+    assert not mapped_storage & {p.untyped_storage().data_ptr() for p in owned.parameters()}
+    assert all(p.data_ptr() % 64 == 0 for p in owned.parameters())
+    assert owned.lm_head.weight is owned.model.embed_tokens.weight
+
+
 def test_local_source_round_trip(tiny_model_dir, tmp_path):
     out = tmp_path / "copy"
     import_model({"local": str(tiny_model_dir("llama"))}, out)
