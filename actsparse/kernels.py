@@ -109,9 +109,10 @@ def _layout_of(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``t`` for a kernel's layout, in memory the OS is asked to back with
     transparent huge pages (Linux with THP in ``madvise`` or ``always`` mode; elsewhere ordinary
     pages). The kernels read scattered rows of a few KiB, each of which costs a TLB miss on 4 KiB
-    pages: with 2 MiB pages TEAL 0.5 on Qwen2.5-1.5B decoded 1.515x -> 1.552x faster than dense
-    (CATS 1.245x -> 1.248x), whose weights, read sequentially, gained nothing from them
-    (bench/RESULTS.md). Private: shared anonymous memory is shmem, which THP leaves alone."""
+    pages. Measured on TEAL 0.5, Qwen2.5-1.5B, against the same kernels on ordinary pages in one
+    run each: +2.4%, +3.6% and -0.4% decoding speed (CATS +0.3%); dense weights, read
+    sequentially, gained nothing from them (bench/RESULTS.md). Private: shared anonymous memory is
+    shmem, which THP leaves alone."""
     memory = mmap.mmap(-1, max(1, t.numel() * t.element_size()), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # page-aligned
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
