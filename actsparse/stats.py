@@ -123,13 +123,10 @@ class BatchSummary:
     """What one batch adds to a key's statistics, on the host: ``TensorStats.add`` folds it in."""
 
     dtype: torch.dtype
+    channels: int
     patterns: np.ndarray | None  # int64 [32768]: values per magnitude bit pattern (16-bit dtypes)
-    sum_abs: np.ndarray  # float64 [channels]
+    sum_abs: np.ndarray | None  # float64 [channels]; None where the key keeps no sums
     bins: np.ndarray | None = None  # float32: int64 [NBINS + 1], the hist and then the NaN count
-
-    @property
-    def channels(self) -> int:
-        return len(self.sum_abs)
 
     def per_bin(self) -> np.ndarray:
         """Counts per histogram bin, the NaN count last."""
@@ -147,7 +144,8 @@ _NATIVE_SOURCE = r"""
 
 /* Adds a row-major [rows, cols] array of 16-bit floats (their bit patterns) into patterns (the
    count of each magnitude bit pattern, sign cleared) and per-column float64 sums of |x|,
-   magnitude[p] being the value of pattern p. Returns -1 if out of memory, else 0. */
+   magnitude[p] being the value of pattern p; sum_abs NULL: no sums. Returns -1 if out of memory,
+   else 0. */
 int summarize16(const uint16_t *restrict x, int64_t rows, int64_t cols, const float *restrict magnitude,
                 int64_t *restrict patterns, double *restrict sum_abs) {
     uint32_t (*counts)[32768] = calloc(TABLES, sizeof *counts);
@@ -162,7 +160,7 @@ int summarize16(const uint16_t *restrict x, int64_t rows, int64_t cols, const fl
             for (int t = 0; t < TABLES; t++) { patterns[p] += counts[t][p]; counts[t][p] = 0; }
     }
     free(counts);
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = 0; sum_abs && r < rows; r++) {
         const uint16_t *row = x + r * cols;
         for (int64_t c = 0; c < cols; c++) sum_abs[c] += magnitude[row[c] & 0x7fff];
     }
@@ -187,23 +185,27 @@ def pattern_magnitudes(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).float()
 
 
-def summarize(batch: torch.Tensor, use_native: bool = True) -> BatchSummary:
-    """A ``[tokens, channels]`` float16/bfloat16 batch's counts and sums, computed on its device
-    (on the CPU by the C function unless ``use_native`` is False or it could not be built)."""
+def summarize(batch: torch.Tensor, use_native: bool = True, sums: bool = True) -> BatchSummary:
+    """A ``[tokens, channels]`` float16/bfloat16 batch's counts and, with ``sums``, its channel
+    sums, computed on its device (on the CPU by the C function unless ``use_native`` is False or
+    it could not be built). Without sums a batch costs one pass over its values, not two."""
     if batch.ndim != 2:
         raise ValueError(f"batch must be 2-D [tokens, channels], got shape {list(batch.shape)}")
     if batch.dtype not in STATS_DTYPES:
         raise ValueError(f"stats take stored values (float16, bfloat16, float32), got {batch.dtype}")
     if batch.dtype == torch.float32:
-        return _summarize_float32(batch.detach())
+        return _summarize_float32(batch.detach(), sums)
     if use_native and batch.device.type == "cpu" and native_library() is not None:
-        return _summarize_native(batch.detach().contiguous())
+        return _summarize_native(batch.detach().contiguous(), sums)
     magnitudes = batch.detach().view(torch.int16) & 0x7FFF  # |x|: the sign bit cleared
     patterns = torch.bincount(magnitudes.reshape(-1), minlength=PATTERNS)
-    sum_abs = torch.zeros(batch.shape[1], dtype=torch.float64, device=batch.device)
-    for block in magnitudes.split(max(1, SUM_BLOCK_VALUES // max(1, batch.shape[1]))):
-        sum_abs += block.view(batch.dtype).double().sum(0)
-    return BatchSummary(batch.dtype, patterns.cpu().numpy(), sum_abs.cpu().numpy())
+    sum_abs = None
+    if sums:
+        sum_abs = torch.zeros(batch.shape[1], dtype=torch.float64, device=batch.device)
+        for block in magnitudes.split(max(1, SUM_BLOCK_VALUES // max(1, batch.shape[1]))):
+            sum_abs += block.view(batch.dtype).double().sum(0)
+        sum_abs = sum_abs.cpu().numpy()
+    return BatchSummary(batch.dtype, batch.shape[1], patterns.cpu().numpy(), sum_abs)
 
 
 @functools.cache
@@ -211,7 +213,7 @@ def _edges_on(device: torch.device) -> torch.Tensor:
     return torch.from_numpy(EDGES).to(device)
 
 
-def _summarize_float32(batch: torch.Tensor) -> BatchSummary:
+def _summarize_float32(batch: torch.Tensor, sums: bool) -> BatchSummary:
     """float32 values have too many magnitudes to count each: their bins come from comparing
     with the edges in float64, block by block like the sums (PyTorch ops, on the batch's device)."""
     counts = torch.zeros(NBINS + 1, dtype=torch.int64, device=batch.device)
@@ -221,20 +223,21 @@ def _summarize_float32(batch: torch.Tensor) -> BatchSummary:
         bins = 1 + torch.bucketize(values, _edges_on(batch.device), right=True)
         bins = bins.masked_fill_(values == 0, ZERO_BIN).masked_fill_(values.isnan(), _NAN_SLOT)
         counts += torch.bincount(bins.reshape(-1), minlength=NBINS + 1)
-        sum_abs += values.sum(0)
-    return BatchSummary(batch.dtype, None, sum_abs.cpu().numpy(), counts.cpu().numpy())
+        if sums:
+            sum_abs += values.sum(0)
+    return BatchSummary(batch.dtype, batch.shape[1], None, sum_abs.cpu().numpy() if sums else None, counts.cpu().numpy())
 
 
-def _summarize_native(batch: torch.Tensor) -> BatchSummary:
+def _summarize_native(batch: torch.Tensor, sums: bool) -> BatchSummary:
     patterns = np.zeros(PATTERNS, dtype=np.int64)
-    sum_abs = np.zeros(batch.shape[1], dtype=np.float64)
+    sum_abs = np.zeros(batch.shape[1], dtype=np.float64) if sums else None
     status = native_library().summarize16(
         batch.data_ptr(), batch.shape[0], batch.shape[1], pattern_magnitudes(batch.dtype).data_ptr(),
-        patterns.ctypes.data, sum_abs.ctypes.data,
+        patterns.ctypes.data, None if sum_abs is None else sum_abs.ctypes.data,
     )
     if status:
         raise MemoryError("no memory for the statistics' count tables")
-    return BatchSummary(batch.dtype, patterns, sum_abs)
+    return BatchSummary(batch.dtype, batch.shape[1], patterns, sum_abs)
 
 
 @contextlib.contextmanager
@@ -294,6 +297,8 @@ class TensorStats:
         per_bin = summary.per_bin()
         if per_bin[_NAN_SLOT]:
             raise ValueError(f"batch holds {int(per_bin[_NAN_SLOT])} NaN values")
+        if self.sum_abs is not None and summary.sum_abs is None:
+            raise ValueError("batch summary has no channel sums, which these statistics keep")
         self.hist += per_bin[:NBINS].astype(np.int64)
         if self.sum_abs is not None:
             self.sum_abs += summary.sum_abs
@@ -366,18 +371,21 @@ class StoreStats:
     def __len__(self) -> int:
         return len(self._stats)
 
+    def sums(self, component: str) -> bool:
+        """Whether the statistics keep channel sums of a component (so its summaries need them)."""
+        return self._summed is None or component in self._summed
+
     def update(self, layer: int, component: str, batch: torch.Tensor) -> None:
         """Add a ``[tokens, channels]`` float16/bfloat16 batch of one key."""
         key = check_key(layer, component)
         with _naming(key):
-            summary = summarize(batch)
+            summary = summarize(batch, sums=self.sums(component))
         self.add(*key, summary)
 
     def add(self, layer: int, component: str, summary: BatchSummary) -> None:
         """Fold in a batch's summary (from ``summarize``, possibly computed on another device)."""
         key = check_key(layer, component)
-        sums = self._summed is None or key[1] in self._summed
-        stats = self._stats.get(key) or TensorStats.empty(summary.channels, sums)
+        stats = self._stats.get(key) or TensorStats.empty(summary.channels, self.sums(key[1]))
         with _naming(key):
             stats.add(summary)
         self._stats[key] = stats

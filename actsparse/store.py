@@ -357,7 +357,7 @@ class StoreWriter:
         self._check_open()
         key, offset = self._keys.add(layer, component, batch)
         values = stored_values(batch, self.dtype)
-        summary = None if values.device.type == "cpu" else summarize(values)
+        summary = None if values.device.type == "cpu" else summarize(values, sums=self.stats.sums(component))
         self._queue.put(_Batch(key, offset, values.cpu(), summary))
 
     def close(self) -> None:
@@ -413,7 +413,7 @@ class StoreWriter:
 
     def _write(self, batch: _Batch) -> None:
         """Fold the batch into the statistics and write it into its array."""
-        summary = summarize(batch.values) if batch.summary is None else batch.summary
+        summary = summarize(batch.values, sums=self.stats.sums(batch.key[1])) if batch.summary is None else batch.summary
         self.stats.add(*batch.key, summary)
         rows = batch.values.view(_DISK_VIEW[self.dtype]).numpy()
         name = array_name(*batch.key)
@@ -475,7 +475,7 @@ class SummaryWriter:
 
     def append(self, layer: int, component: str, batch: torch.Tensor) -> None:
         key, _ = self._keys.add(layer, component, batch)
-        summary = summarize(stored_values(batch, self.dtype))
+        summary = summarize(stored_values(batch, self.dtype), sums=self.stats.sums(component))
         self.stats.add(*key, summary)
         if summary.patterns is None or not self._counts(component):  # float32: too many magnitudes to count each
             return

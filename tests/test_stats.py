@@ -108,6 +108,23 @@ def test_c_summary_equals_the_pytorch_ops(dtype: torch.dtype) -> None:
     np.testing.assert_allclose(native.sum_abs, torch_ops.sum_abs, rtol=RTOL)
 
 
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_summary_without_sums_counts_the_same_and_is_refused_where_sums_are_kept(dtype, use_native) -> None:
+    """Components no method reads sums of skip them (one pass over the values instead of two):
+    the same counts, no sums; statistics that keep sums do not take such a summary."""
+    x = activations(dtype, tokens=300, channels=17, seed=5)
+    full, countless = summarize(x, use_native), summarize(x, use_native, sums=False)
+    assert countless.sum_abs is None and countless.channels == full.channels == 17
+    assert np.array_equal(countless.per_bin(), full.per_bin())
+    assert full.patterns is None or np.array_equal(countless.patterns, full.patterns)
+    keeping, skipping = StoreStats(), StoreStats(summed=["up"])
+    skipping.update(3, "act", x)  # act keeps no sums here, so its summary skips them
+    assert skipping[3, "act"].sum_abs is None and np.array_equal(skipping[3, "act"].hist, full.per_bin()[:-1])
+    with pytest.raises(ValueError, match="layer 3 act: batch summary has no channel sums"):
+        keeping.add(3, "act", countless)
+
+
 def test_stats_work_without_a_c_compiler(monkeypatch, caplog) -> None:
     monkeypatch.setenv("CC", "/nonexistent/cc")
     stats_module.native_library.cache_clear()
