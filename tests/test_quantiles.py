@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from actsparse import quantiles
 from actsparse.quantiles import QuantileSketch, exact_quantiles
 
 FLOAT32 = st.floats(width=32, allow_nan=False, allow_infinity=True, allow_subnormal=True)
@@ -221,3 +222,28 @@ def test_memory_does_not_grow_with_the_number_of_values() -> None:
     bound = 2 * 19 * 2**19 + 8 * 10**5  # plus the chunk: 100,000 values and their int64 copy
     assert peak_bytes(10**5, 10**5) < bound
     assert peak_bytes(10**7, 10**5) < bound  # the values alone would take 40 MB
+
+
+def test_c_pass2_counts_equal_numpy_and_numpy_serves_without_a_compiler(monkeypatch) -> None:
+    """The C sweep and the numpy count give the same low-half counts (ties, both signs, zeros,
+    subnormals, infinities, a 100-level grid's buckets); without a C compiler numpy counts alone."""
+    rng = np.random.default_rng(11)
+    with np.errstate(over="ignore"):  # the largest scales overflow to +-inf, which is wanted
+        spread = (rng.standard_normal(50_000) * 10.0 ** rng.integers(-40, 38, 50_000)).astype(np.float32)
+    values = np.concatenate([spread, np.float32([0.0, -0.0, np.inf, -np.inf, 1e-45]), np.full(1000, 0.75, np.float32)])
+    grid = np.arange(100) / 100
+
+    def fed(sketch: QuantileSketch) -> QuantileSketch:
+        for chunk in np.array_split(values, 7):
+            sketch.add_pass1(chunk)
+        for chunk in np.array_split(values, 3):
+            sketch.add_pass2(chunk)
+        return sketch
+
+    assert quantiles.native_library() is not None
+    by_c = fed(QuantileSketch(grid))
+    monkeypatch.setattr(quantiles, "native_library", lambda: None)
+    by_numpy = fed(QuantileSketch(grid))
+    assert np.array_equal(by_c._pass2._low_counts, by_numpy._pass2._low_counts)
+    np.testing.assert_array_equal(by_numpy.result(), percentile(values, grid))
+    np.testing.assert_array_equal(by_c.result(), by_numpy.result())
