@@ -71,7 +71,8 @@ def _float32_flat(chunk: Chunk) -> np.ndarray:
 
 def _on_device(chunk: Chunk) -> bool:
     """Whether a chunk is counted by PyTorch ops where it lies (a GPU), so that only the counts,
-    KiB-sized, leave the device (a chunk on the CPU is counted by numpy)."""
+    KiB-sized, leave the device (a chunk on the CPU is counted by numpy, its pass 2 in C where a
+    compiler works)."""
     return isinstance(chunk, torch.Tensor) and chunk.device.type != "cpu"
 
 

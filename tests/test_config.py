@@ -137,6 +137,19 @@ def test_a_user_config_runs_only_its_own_models_and_methods(workdir):
     assert {w["method"] for w in wildcards if "method" in w} == {"dense", "cats"}
 
 
+def test_make_dry_run_with_config_checks_it_and_runs_only_that_config(workdir):
+    """`make dry-run CONFIG=my.yaml` (README): the check passes, then Snakemake plans my.yaml's
+    model alone (the default config's SmolLM2 does not join in)."""
+    user = workdir / "my.yaml"
+    user.write_text(readme_example("# my.yaml: only my model, only cats"))
+    run = subprocess.run(["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "dry-run", f"CONFIG={user}"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"config ok: {user}" in run.stdout
+    models = {line.split("model=")[1].split(",")[0] for line in run.stdout.splitlines() if "model=" in line}
+    assert models == {"mine"}, run.stdout[-2000:]
+
+
 def test_scale_config_is_valid_on_its_own(workdir):
     """config/scale.yaml is the whole config (a --configfile replaces config/config.yaml), so it
     must hold without config/config.yaml's values (its model's part packages aside)."""
