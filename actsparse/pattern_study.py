@@ -450,7 +450,7 @@ def predictor_study(
     def mlp(features: str, layer: int, source: int, x_train: np.ndarray, x_test: np.ndarray, units: int) -> Prediction:
         net = patterns.train_predictor(x_train, train.patterns[layer], units, epochs, seed)
         scores = net.scores(x_test)
-        return Prediction(features, layer, source, scores >= 0.5, scores,
+        return Prediction(features, layer, source, scores >= patterns.ACTIVE_SCORE, scores,
                           patterns.mlp_cost(x_train.shape[1], units, scores.shape[1]))
 
     started = time.perf_counter()

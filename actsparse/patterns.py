@@ -350,6 +350,10 @@ def table_ii(
 # Predictor
 
 
+ACTIVE_SCORE = 0.5
+"""A neuron is predicted active where the predictor's probability is at least this."""
+
+
 @dataclass
 class Predictor:
     """A trained one-hidden-layer MLP; inputs are standardised with the training statistics."""

@@ -12,10 +12,18 @@ Columns per layer (F1 over all token x neuron cells of the evaluation tokens):
   a third of the FFN's weights; it shows how far one layer of lookahead moves the pattern;
 * ``frequency``, ``hot_set``: the static baselines of the pipeline.
 
+With ``--sweep-tokens`` it instead measures how far more capacity and more training data take
+the lookahead predictor: for each training size (tokens of the calibration text, WikiText-2's
+validation split, beyond the pipeline's 4,096) and each rank, its F1 on the training tokens and
+on the evaluation tokens, per layer; each size trains on at least as many samples as 20 epochs
+of 4,096 tokens (``--epochs`` epochs, more for smaller sizes), so no size is short of steps.
+
 The imported model, corpora and cats thresholds at 0.50 must exist (the pipeline's
 import_model, prepare_corpus and select_thresholds rules):
 
     .venv/bin/python bench/bench_predictor.py [--lookahead 1] [--rank 64] [--epochs 20] [--layers 5 15 25]
+    .venv/bin/python bench/bench_predictor.py --sweep-tokens 4096 16384 65536 --sweep-ranks 64 256 1024 \
+        --epochs 5 --layers 5 15 25 --threads 2
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from actsparse import corpora, methods, models, pattern_study, patterns, stages
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
 MODEL = "smollm2-135m"
+CALIBRATION_TEXT = REPO / "resources/data/wikitext-2-raw/wiki.valid.raw.gz"
 
 
 def gate_early(model, activity: pattern_study.Activity, layer: int, lookahead: int, threshold: float) -> np.ndarray:
@@ -45,6 +54,11 @@ def gate_early(model, activity: pattern_study.Activity, layer: int, lookahead: i
     return (act.abs() >= threshold).numpy()
 
 
+def predicted(net: patterns.Predictor, x: np.ndarray) -> np.ndarray:
+    """The active mask ``net`` predicts for the rows of ``x``, as the pipeline thresholds it."""
+    return net.scores(x) >= patterns.ACTIVE_SCORE
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lookahead", type=int, default=1)
@@ -54,6 +68,9 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--layers", type=int, nargs="*", default=None, help="default: every layer")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sweep-tokens", type=int, nargs="*", default=None,
+                        help="training sizes of the capacity sweep (instead of the per-layer comparison)")
+    parser.add_argument("--sweep-ranks", type=int, nargs="*", default=[64, 256, 1024])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = models.load_model(RESULTS / "models" / MODEL, "cpu", "float32")
@@ -63,6 +80,9 @@ def main() -> None:
            for name, count in (("calibration", args.train_tokens), ("evaluation", args.eval_tokens))}
     layers = args.layers if args.layers is not None else list(range(len(model.model.layers)))
     bos = models.bos_id(tokenizer)
+    if args.sweep_tokens:
+        capacity_sweep(model, tokenizer, thresholds_path, ids["evaluation"], layers, args)
+        return
     with stages.sparsified(model, [thresholds_path], "all"):
         train, test = (pattern_study.gather_activity(model, ids[name], bos, 256, None, layers, True)
                        for name in ("calibration", "evaluation"))
@@ -76,7 +96,7 @@ def main() -> None:
                                            args.epochs, 0)
             if name == "lookahead":
                 seconds += time.perf_counter() - started
-            row[name] = patterns.evaluate_predictor(net.predict(pattern_study.lookahead_features(test, layer, k)),
+            row[name] = patterns.evaluate_predictor(predicted(net, pattern_study.lookahead_features(test, layer, k)),
                                                     actual)["f1"]
         threshold = float(thresholds[layer, "act"])
         row["gate_early"] = patterns.evaluate_predictor(gate_early(model, test, layer, args.lookahead, threshold),
@@ -91,6 +111,36 @@ def main() -> None:
     print("mean over layers: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
     print(f"lookahead (k={args.lookahead}, rank {args.rank}, {args.epochs} epochs, {train.tokens} tokens) training: "
           f"{seconds:.1f} s for {len(layers)} layers")
+
+
+def capacity_sweep(model, tokenizer, thresholds_path: Path, eval_ids: list[int], layers: list[int], args) -> None:
+    """Lookahead F1 on the training and the evaluation tokens per (training size, rank, layer)."""
+    text = corpora.load_text({"path": CALIBRATION_TEXT})
+    train_ids = corpora.tokenize(text, tokenizer, max(args.sweep_tokens))["input_ids"].tolist()
+    bos = models.bos_id(tokenizer)
+    with stages.sparsified(model, [thresholds_path], "all"):
+        train, test = (pattern_study.gather_activity(model, ids, bos, 256, layers, (), True)
+                       for ids in (train_ids, eval_ids))
+    rows = []
+    for tokens in sorted(args.sweep_tokens):
+        epochs = max(args.epochs, -(-20 * 4096 // tokens))
+        for rank in args.sweep_ranks:
+            for layer in layers:
+                features, seen = pattern_study.lookahead_features(train, layer, args.lookahead), train.patterns[layer]
+                started = time.perf_counter()
+                net = patterns.train_predictor(features[:tokens], seen[:tokens], rank, epochs, 0)
+                row = {"tokens": tokens, "rank": rank, "epochs": epochs, "layer": layer,
+                       "train_f1": patterns.evaluate_predictor(predicted(net, features[:tokens]), seen[:tokens])["f1"],
+                       "eval_f1": patterns.evaluate_predictor(
+                           predicted(net, pattern_study.lookahead_features(test, layer, args.lookahead)),
+                           test.patterns[layer])["f1"],
+                       "seconds": time.perf_counter() - started}
+                rows.append(row)
+                print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
+    table = pd.DataFrame(rows)
+    print(table.to_markdown(index=False, floatfmt=("g", "g", "g", "g", ".3f", ".3f", ".1f")))
+    print(table.pivot_table(index=["tokens", "rank"], values=["train_f1", "eval_f1"]).to_markdown(floatfmt=".3f"))
 
 
 if __name__ == "__main__":
