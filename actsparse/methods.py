@@ -50,8 +50,8 @@ Streaming: exact quantiles come from ``QuantileSketch`` in two passes over the c
 values, all sparsity levels answered by the same two passes. The values come from a
 ``sources.BlockSource``: the shard stores, each needed array read once a pass, or live forward
 passes over the calibration shards (storeless), which give the same values bit for bit. Pass 2
-needs 512 KiB per distinct 16-bit bucket holding a needed rank, about one per level and key
-(5 MiB a key for 9 levels, 50 MiB for the 100-level ``GRID``), so it runs once per group of
+needs 256 KiB per distinct 16-bit bucket holding a needed rank, about one per level and key
+(2.5 MiB a key for 9 levels, 25 MiB for the 100-level ``GRID``), so it runs once per group of
 keys whose counts fit the source's budget (``_PASS2_BYTES`` for stores: several groups for the
 grid, with no array read twice; 4 GiB for forwards). A magnitude stream whose exact
 distribution the source already counted (16-bit values, storeless) needs no pass at all
@@ -111,7 +111,6 @@ QUANTILE_DEFINITION = (
     "numpy.percentile(values, 100 * s), method 'linear' (Hyndman-Fan type 7), on float32 values "
     "converted from the stored dtype"
 )
-_BUCKET_BYTES = 8 << 16  # pass-2 counts of one needed bucket of a QuantileSketch
 _PASS2_BYTES = 1 << 29  # pass-2 counts held at once; past it, pass 2 sweeps the keys in groups
 _NAME = re.compile(r"layers\.(\d+)\.(\w+)")
 
@@ -199,7 +198,7 @@ def _pass2_groups(sketches: dict[Key, QuantileSketch], budget: int) -> Iterator[
     group: list[Key] = []
     size = 0
     for key in list(sketches):  # keys only: the caller drops each finished group's sketches
-        need = len(sketches[key].needed_buckets) * _BUCKET_BYTES  # sets up this key's pass 2
+        need = sketches[key].pass2_bytes  # sets up this key's pass 2
         if group and size + need > budget:
             yield group
             group, size = [], 0

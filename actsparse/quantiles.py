@@ -24,9 +24,10 @@ reproducing numpy exactly: +-inf values give inf or NaN where numpy does, and -0
 distinct order statistics here (-0.0 first) while numpy leaves their order to its partition, so
 a zero result may differ from numpy's in sign only.
 
-Memory: 512 KiB for the pass-1 counts plus 512 KiB per distinct bucket holding a needed rank
-(at most two per q, usually one; twice that while a large chunk is added), plus a few copies of
-the current chunk, whatever the number of values.
+Memory: 512 KiB for the pass-1 counts plus 256 KiB per distinct bucket holding a needed rank
+(at most two per q, usually one; 512 KiB for a stream of 2**32 values or more, whose counts need
+64 bits; twice that while a large chunk is added), plus a few copies of the current chunk,
+whatever the number of values.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ Chunk = np.ndarray | torch.Tensor
 
 _BUCKETS = 1 << 16
 _SIGN_BUCKET = 0x8000  # first bucket of negative values (sign bit set)
+_WIDE_COUNTS = 1 << 32  # streams of this many values or more count pass 2 in 64 bits, not 32
 # Position of the high and low 16-bit halves of a float32 seen as two uint16.
 _HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)
 # Bucket ids in value order: negative buckets from the most negative (0xFFFF) down to -0.0's
@@ -91,14 +93,18 @@ def _halves(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _NATIVE_SOURCE = r"""
 #include <stdint.h>
 /* Pass 2 of a host chunk in one sweep, no temporaries: each float32 bit pattern w whose bucket
-   (w >> 16) has a slot (1-based; 0: not needed) counts its low 16 bits in that slot's row. */
-void count_low_halves(const uint32_t *restrict words, int64_t n, const uint32_t *restrict slot_of_bucket,
-                      int64_t *restrict counts) {
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t w = words[i], slot = slot_of_bucket[w >> 16];
-        if (slot) counts[(int64_t)(slot - 1) << 16 | (w & 0xFFFF)]++;
+   (w >> 16) has a slot (1-based; 0: not needed) counts its low 16 bits in that slot's row of
+   32-bit (count_low_halves32) or 64-bit (count_low_halves64) counts. */
+#define COUNT_LOW_HALVES(name, type)                                                                \
+    void name(const uint32_t *restrict words, int64_t n, const uint32_t *restrict slot_of_bucket,   \
+              type *restrict counts) {                                                              \
+        for (int64_t i = 0; i < n; i++) {                                                           \
+            uint32_t w = words[i], slot = slot_of_bucket[w >> 16];                                  \
+            if (slot) counts[(int64_t)(slot - 1) << 16 | (w & 0xFFFF)]++;                           \
+        }                                                                                           \
     }
-}
+COUNT_LOW_HALVES(count_low_halves32, uint32_t)
+COUNT_LOW_HALVES(count_low_halves64, int64_t)
 """
 
 
@@ -109,8 +115,9 @@ def native_library() -> ctypes.CDLL | None:
     for the 100-level grid), which took a quarter of a storeless CHESS fit."""
     lib = native.load("quantile sketch", _NATIVE_SOURCE)
     if lib is not None:
-        lib.count_low_halves.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-        lib.count_low_halves.restype = None
+        for count in (lib.count_low_halves32, lib.count_low_halves64):
+            count.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+            count.restype = None
     return lib
 
 
@@ -179,6 +186,11 @@ class QuantileSketch:
         else:
             pass2.add(_float32_flat(chunk))
 
+    @property
+    def pass2_bytes(self) -> int:
+        """Bytes pass 2's counts hold. Asking ends pass 1, like ``needed_buckets``."""
+        return self._start_pass2().counts_bytes
+
     def merge(self, other: QuantileSketch) -> None:
         """Add another sketch's counts (another shard of the same stream) into this one."""
         if not np.array_equal(self.qs, other.qs):
@@ -196,8 +208,7 @@ class QuantileSketch:
         """One float64 per q, equal to numpy.percentile(values, 100 * qs) (see module doc)."""
         pass2 = self._start_pass2()
         v, lower, upper = self._indices(pass2.expected_total)
-        a = pass2.order_statistics(lower)
-        b = pass2.order_statistics(upper)
+        a, b = np.split(pass2.order_statistics(np.concatenate([lower, upper])), 2)
         return _lerp(a, b, v - lower)
 
     def _indices(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -230,16 +241,23 @@ class _Pass2:
         self._expected = ordered[self._positions]
         self._slot_of_bucket = np.zeros(_BUCKETS, np.uint32)  # 1-based slot of each needed bucket, else 0
         self._slot_of_bucket[self.buckets] = np.arange(1, len(self.buckets) + 1)
-        self._low_counts = np.zeros((len(self.buckets), _BUCKETS), dtype=np.int64)
+        # 32-bit counts while no count can overflow them: half the memory, so half the fresh pages
+        # to fault in, which dominated a storeless CHESS fit's pass 2 (25 ns a value, not 6)
+        self._low_counts = np.zeros((len(self.buckets), _BUCKETS),
+                                    dtype=np.uint32 if self.expected_total < _WIDE_COUNTS else np.int64)
         self._device_counts: torch.Tensor | None = None  # counts kept where the chunks lie
         self._total = 0
+
+    @property
+    def counts_bytes(self) -> int:
+        return self._low_counts.nbytes
 
     def add(self, values: np.ndarray) -> None:
         lib = native_library()
         if lib is not None:
             values = np.ascontiguousarray(values)
-            lib.count_low_halves(values.ctypes.data, values.size, self._slot_of_bucket.ctypes.data,
-                                 self._low_counts.ctypes.data)
+            count = lib.count_low_halves32 if self._low_counts.dtype == np.uint32 else lib.count_low_halves64
+            count(values.ctypes.data, values.size, self._slot_of_bucket.ctypes.data, self._low_counts.ctypes.data)
             self._total += values.size
             return
         high, low = _halves(values)
@@ -250,7 +268,7 @@ class _Pass2:
         if keys.size * 16 < flat.size:  # few hits: cheaper than a full-size count array
             np.add.at(flat, keys, 1)
         else:
-            flat += np.bincount(keys, minlength=flat.size)
+            np.add(flat, np.bincount(keys, minlength=flat.size), out=flat, casting="unsafe")  # fits: < expected_total
         self._total += values.size
 
     def add_on_device(self, chunk: torch.Tensor) -> None:
@@ -268,7 +286,8 @@ class _Pass2:
     def _gather(self) -> None:
         """Fold the device's counts into the host's."""
         if self._device_counts is not None:
-            self._low_counts += self._device_counts.cpu().numpy().reshape(self._low_counts.shape)
+            np.add(self._low_counts, self._device_counts.cpu().numpy().reshape(self._low_counts.shape),
+                   out=self._low_counts, casting="unsafe")  # fits: every count is below expected_total
             self._device_counts = None
 
     def merge(self, other: _Pass2) -> None:
@@ -284,20 +303,23 @@ class _Pass2:
         ranks = ranks % self.expected_total
         slots = self._positions.searchsorted(self._ends.searchsorted(ranks, side="right"))
         offsets = ranks - (self._ends[self._positions] - self._expected)[slots]
-        bits = [self._bits(slot, offset) for slot, offset in zip(slots, offsets)]
-        return np.array(bits, dtype=np.uint32).view(np.float32)
+        bits = np.empty(len(ranks), dtype=np.uint32)
+        for slot in np.unique(slots):  # one cumulative count per bucket, however many ranks it holds
+            at = slots == slot
+            bits[at] = self._bits(int(slot), offsets[at])
+        return bits.view(np.float32)
 
-    def _bits(self, slot: int, offset: int) -> int:
-        """Bit pattern of the value ``offset`` places (0-based) into needed bucket ``slot``."""
+    def _bits(self, slot: int, offsets: np.ndarray) -> np.ndarray:
+        """Bit patterns of the values ``offsets`` places (0-based) into needed bucket ``slot``."""
         bucket = int(self.buckets[slot])
         negative = bucket >= _SIGN_BUCKET  # larger low bits are smaller values
         in_order = self._low_counts[slot][::-1] if negative else self._low_counts[slot]
-        low = int(np.cumsum(in_order).searchsorted(offset, side="right"))
+        low = np.cumsum(in_order, dtype=np.int64).searchsorted(offsets, side="right")
         return bucket << 16 | (_BUCKETS - 1 - low if negative else low)
 
     def _check_complete(self) -> None:
         """Pass 2 must have seen exactly pass 1's values, else the ranks point at wrong values."""
-        seen = self._low_counts.sum(axis=1)
+        seen = self._low_counts.sum(axis=1, dtype=np.int64)
         if self._total != self.expected_total or not np.array_equal(seen, self._expected):
             raise ValueError(
                 f"pass 2 saw {self._total} values ({seen.tolist()} in the needed buckets) where"
