@@ -24,10 +24,10 @@ reproducing numpy exactly: +-inf values give inf or NaN where numpy does, and -0
 distinct order statistics here (-0.0 first) while numpy leaves their order to its partition, so
 a zero result may differ from numpy's in sign only.
 
-Memory: 512 KiB for the pass-1 counts plus 256 KiB per distinct bucket holding a needed rank
-(at most two per q, usually one; 512 KiB for a stream of 2**32 values or more, whose counts need
-64 bits; twice that while a large chunk is added), plus a few copies of the current chunk,
-whatever the number of values.
+Memory: 512 KiB for the pass-1 counts plus 128 KiB per distinct bucket holding a needed rank
+(at most two per q, usually one: 16-bit counts, with a 32-bit carry row of which only the pages
+of counts past 65,535 are ever touched; twice that while a large chunk is added), plus a few
+copies of the current chunk, whatever the number of values.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ Chunk = np.ndarray | torch.Tensor
 
 _BUCKETS = 1 << 16
 _SIGN_BUCKET = 0x8000  # first bucket of negative values (sign bit set)
-_WIDE_COUNTS = 1 << 32  # streams of this many values or more count pass 2 in 64 bits, not 32
 # Position of the high and low 16-bit halves of a float32 seen as two uint16.
 _HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)
 # Bucket ids in value order: negative buckets from the most negative (0xFFFF) down to -0.0's
@@ -93,18 +92,23 @@ def _halves(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _NATIVE_SOURCE = r"""
 #include <stdint.h>
 /* Pass 2 of a host chunk in one sweep, no temporaries: each float32 bit pattern w whose bucket
-   (w >> 16) has a slot (1-based; 0: not needed) counts its low 16 bits in that slot's row of
-   32-bit (count_low_halves32) or 64-bit (count_low_halves64) counts. */
-#define COUNT_LOW_HALVES(name, type)                                                                \
-    void name(const uint32_t *restrict words, int64_t n, const uint32_t *restrict slot_of_bucket,   \
-              type *restrict counts) {                                                              \
-        for (int64_t i = 0; i < n; i++) {                                                           \
-            uint32_t w = words[i], slot = slot_of_bucket[w >> 16];                                  \
-            if (slot) counts[(int64_t)(slot - 1) << 16 | (w & 0xFFFF)]++;                           \
-        }                                                                                           \
+   (w >> 16) has a slot (1-based; 0: not needed) counts its low 16 bits in that slot's row, as
+   low + 65536 * carry. Returns how many carries it made. */
+int64_t count_low_halves(const uint32_t *restrict words, int64_t n, const uint32_t *restrict slot_of_bucket,
+                         uint16_t *restrict low, uint32_t *restrict carry) {
+    int64_t carries = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t w = words[i], slot = slot_of_bucket[w >> 16];
+        if (slot) {
+            int64_t j = (int64_t)(slot - 1) << 16 | (w & 0xFFFF);
+            if (!++low[j]) {
+                carry[j]++;
+                carries++;
+            }
+        }
     }
-COUNT_LOW_HALVES(count_low_halves32, uint32_t)
-COUNT_LOW_HALVES(count_low_halves64, int64_t)
+    return carries;
+}
 """
 
 
@@ -115,9 +119,8 @@ def native_library() -> ctypes.CDLL | None:
     for the 100-level grid), which took a quarter of a storeless CHESS fit."""
     lib = native.load("quantile sketch", _NATIVE_SOURCE)
     if lib is not None:
-        for count in (lib.count_low_halves32, lib.count_low_halves64):
-            count.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-            count.restype = None
+        lib.count_low_halves.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.count_low_halves.restype = ctypes.c_int64
     return lib
 
 
@@ -241,34 +244,48 @@ class _Pass2:
         self._expected = ordered[self._positions]
         self._slot_of_bucket = np.zeros(_BUCKETS, np.uint32)  # 1-based slot of each needed bucket, else 0
         self._slot_of_bucket[self.buckets] = np.arange(1, len(self.buckets) + 1)
-        # 32-bit counts while no count can overflow them: half the memory, so half the fresh pages
-        # to fault in, which dominated a storeless CHESS fit's pass 2 (25 ns a value, not 6)
-        self._low_counts = np.zeros((len(self.buckets), _BUCKETS),
-                                    dtype=np.uint32 if self.expected_total < _WIDE_COUNTS else np.int64)
+        # Counts as low + 65536 * carry: the fresh pages a pass 2 faults in (which dominated a
+        # storeless CHESS fit's, 25 ns a value in 64-bit counts, not 6) are the 16-bit rows', the
+        # carry rows' only where a count passes 65,535 (zeroed memory is mapped untouched)
+        shape = (len(self.buckets), _BUCKETS)
+        self._low, self._carry = np.zeros(shape, np.uint16), np.zeros(shape, np.uint32)
+        self._carries = 0  # none: the carry rows are all zero, and never read
         self._device_counts: torch.Tensor | None = None  # counts kept where the chunks lie
         self._total = 0
 
     @property
     def counts_bytes(self) -> int:
-        return self._low_counts.nbytes
+        """The 16-bit rows' bytes (the carry rows' pages are touched only by counts past 65,535)."""
+        return self._low.nbytes
+
+    def _counts(self, rows: int | slice = slice(None)) -> np.ndarray:
+        """int64 counts of the needed buckets' low halves (one bucket's row, or all)."""
+        counts = self._low[rows].astype(np.int64)
+        if self._carries:
+            counts += self._carry[rows].astype(np.int64) << 16
+        return counts
+
+    def _add_counts(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Add ``counts`` at the distinct flat (slot << 16 | low) ``keys``."""
+        low, carry = self._low.reshape(-1), self._carry.reshape(-1)
+        total = low[keys] + counts.astype(np.int64)
+        low[keys] = total & 0xFFFF
+        carried = total >> 16
+        carry[keys] += carried.astype(np.uint32)
+        self._carries += int(np.count_nonzero(carried))
 
     def add(self, values: np.ndarray) -> None:
         lib = native_library()
         if lib is not None:
             values = np.ascontiguousarray(values)
-            count = lib.count_low_halves32 if self._low_counts.dtype == np.uint32 else lib.count_low_halves64
-            count(values.ctypes.data, values.size, self._slot_of_bucket.ctypes.data, self._low_counts.ctypes.data)
+            self._carries += lib.count_low_halves(values.ctypes.data, values.size, self._slot_of_bucket.ctypes.data,
+                                                  self._low.ctypes.data, self._carry.ctypes.data)
             self._total += values.size
             return
         high, low = _halves(values)
         slots = np.take(self._slot_of_bucket, high)
         hits = np.flatnonzero(slots)
-        keys = (slots[hits].astype(np.intp) - 1) << 16 | low[hits]
-        flat = self._low_counts.reshape(-1)
-        if keys.size * 16 < flat.size:  # few hits: cheaper than a full-size count array
-            np.add.at(flat, keys, 1)
-        else:
-            np.add(flat, np.bincount(keys, minlength=flat.size), out=flat, casting="unsafe")  # fits: < expected_total
+        self._add_counts(*np.unique((slots[hits].astype(np.intp) - 1) << 16 | low[hits], return_counts=True))
         self._total += values.size
 
     def add_on_device(self, chunk: torch.Tensor) -> None:
@@ -276,7 +293,7 @@ class _Pass2:
         high, low = _device_halves(chunk)
         if self._device_counts is None:
             self._slot_table = torch.from_numpy(self._slot_of_bucket.astype(np.int64)).to(chunk.device)
-            self._device_counts = torch.zeros(self._low_counts.size, dtype=torch.int64, device=chunk.device)
+            self._device_counts = torch.zeros(self._low.size, dtype=torch.int64, device=chunk.device)
         slots = self._slot_table[high]
         hits = slots > 0
         keys = (slots[hits] - 1) << 16 | low[hits]
@@ -286,14 +303,17 @@ class _Pass2:
     def _gather(self) -> None:
         """Fold the device's counts into the host's."""
         if self._device_counts is not None:
-            np.add(self._low_counts, self._device_counts.cpu().numpy().reshape(self._low_counts.shape),
-                   out=self._low_counts, casting="unsafe")  # fits: every count is below expected_total
+            counts = self._device_counts.cpu().numpy()
+            keys = np.flatnonzero(counts)
+            self._add_counts(keys, counts[keys])
             self._device_counts = None
 
     def merge(self, other: _Pass2) -> None:
         self._gather()
         other._gather()
-        self._low_counts += other._low_counts
+        counts = other._counts().reshape(-1)
+        keys = np.flatnonzero(counts)
+        self._add_counts(keys, counts[keys])
         self._total += other._total
 
     def order_statistics(self, ranks: np.ndarray) -> np.ndarray:
@@ -313,13 +333,15 @@ class _Pass2:
         """Bit patterns of the values ``offsets`` places (0-based) into needed bucket ``slot``."""
         bucket = int(self.buckets[slot])
         negative = bucket >= _SIGN_BUCKET  # larger low bits are smaller values
-        in_order = self._low_counts[slot][::-1] if negative else self._low_counts[slot]
-        low = np.cumsum(in_order, dtype=np.int64).searchsorted(offsets, side="right")
+        counts = self._counts(slot)
+        low = np.cumsum(counts[::-1] if negative else counts).searchsorted(offsets, side="right")
         return bucket << 16 | (_BUCKETS - 1 - low if negative else low)
 
     def _check_complete(self) -> None:
         """Pass 2 must have seen exactly pass 1's values, else the ranks point at wrong values."""
-        seen = self._low_counts.sum(axis=1, dtype=np.int64)
+        seen = self._low.sum(axis=1, dtype=np.int64)
+        if self._carries:
+            seen += self._carry.sum(axis=1, dtype=np.int64) << 16
         if self._total != self.expected_total or not np.array_equal(seen, self._expected):
             raise ValueError(
                 f"pass 2 saw {self._total} values ({seen.tolist()} in the needed buckets) where"
