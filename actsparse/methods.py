@@ -50,8 +50,8 @@ Streaming: exact quantiles come from ``QuantileSketch`` in two passes over the c
 values, all sparsity levels answered by the same two passes. The values come from a
 ``sources.BlockSource``: the shard stores, each needed array read once a pass, or live forward
 passes over the calibration shards (storeless), which give the same values bit for bit. Pass 2
-needs 256 KiB per distinct 16-bit bucket holding a needed rank, about one per level and key
-(2.5 MiB a key for 9 levels, 25 MiB for the 100-level ``GRID``), so it runs once per group of
+needs 128 KiB per distinct 16-bit bucket holding a needed rank, about one per level and key
+(1.1 MiB a key for 9 levels, 13 MiB for the 100-level ``GRID``), so it runs once per group of
 keys whose counts fit the source's budget (``_PASS2_BYTES`` for stores: several groups for the
 grid, with no array read twice; 4 GiB for forwards). A magnitude stream whose exact
 distribution the source already counted (16-bit values, storeless) needs no pass at all

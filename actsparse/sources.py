@@ -108,10 +108,10 @@ class ForwardSource:
     the collection's, so every pass repeats the shard jobs' forwards. ``forwards`` counts the
     passes made (one pass: every shard once).
 
-    ``pass2_bytes``: exact quantiles' pass-2 counts held at once (256 KiB per needed bucket,
-    about one per level and key: 25 MiB a key for the 100-level grid). A store source holds
+    ``pass2_bytes``: exact quantiles' pass-2 counts held at once (128 KiB per needed bucket,
+    about one per level and key: 13 MiB a key for the 100-level grid). A store source holds
     512 MiB and sweeps the stores once per group of keys that fits; here a pass is a forward,
-    so up to 4 GiB is held, one group for up to ~160 CHESS layers of the grid.
+    so up to 4 GiB is held, one group for up to ~320 CHESS layers of the grid.
     """
 
     pass2_bytes = 1 << 32
