@@ -91,6 +91,17 @@ def _halves(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 _NATIVE_SOURCE = r"""
 #include <stdint.h>
+/* Pass 1 of a host chunk in one sweep: each float32 bit pattern counted in its bucket (w >> 16).
+   Returns how many were NaN (counted too: the caller discards these counts then). */
+int64_t count_high_halves(const uint32_t *restrict words, int64_t n, int64_t *restrict counts) {
+    int64_t nans = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t w = words[i];
+        counts[w >> 16]++;
+        nans += (w & 0x7FFFFFFFu) > 0x7F800000u;
+    }
+    return nans;
+}
 /* Pass 2 of a host chunk in one sweep, no temporaries: each float32 bit pattern w whose bucket
    (w >> 16) has a slot (1-based; 0: not needed) counts its low 16 bits in that slot's row, as
    low + 65536 * carry. Returns how many carries it made. */
@@ -114,12 +125,15 @@ int64_t count_low_halves(const uint32_t *restrict words, int64_t n, const uint32
 
 @functools.cache
 def native_library() -> ctypes.CDLL | None:
-    """The C pass-2 count compiled for this machine; None (numpy instead) without a compiler. The
-    numpy count sorts each chunk's hits (``np.unique``), several times the C sweep's time."""
+    """The C pass-1 and pass-2 counts compiled for this machine; None (numpy instead) without a
+    compiler. The numpy pass 2 sorts each chunk's hits (``np.unique``), several times the C
+    sweep's time; its pass 1 copies the chunk's high halves into an index array first."""
     lib = native.load("quantile sketch", _NATIVE_SOURCE)
     if lib is not None:
         lib.count_low_halves.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.count_low_halves.restype = ctypes.c_int64
+        lib.count_high_halves.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        lib.count_high_halves.restype = ctypes.c_int64
     return lib
 
 
@@ -167,7 +181,14 @@ class QuantileSketch:
             high = _device_halves(chunk)[0]
             self._counts += torch.bincount(high, minlength=_BUCKETS).cpu().numpy()
             return
-        values = _float32_flat(chunk)
+        values = np.ascontiguousarray(_float32_flat(chunk))
+        lib = native_library()
+        if lib is not None:
+            counts = np.zeros(_BUCKETS, dtype=np.int64)  # kept only if the chunk holds no NaN
+            if lib.count_high_halves(values.ctypes.data, values.size, counts.ctypes.data):
+                raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
+            self._counts += counts
+            return
         if np.isnan(values).any():
             raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
         self._counts += np.bincount(_halves(values)[0], minlength=_BUCKETS)

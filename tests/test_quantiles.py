@@ -162,12 +162,21 @@ def test_merge_refuses_mismatched_sketches() -> None:
         started.merge(sketch_of([0.5], [values]))
 
 
-def test_nan_is_refused_by_name() -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["C count", "numpy count"])
+def test_nan_is_refused_by_name_and_leaves_the_counts_as_they_were(monkeypatch, compiled: bool) -> None:
+    if not compiled:
+        monkeypatch.setattr(quantiles, "native_library", lambda: None)
     chunks = [np.ones(5, np.float32), np.array([1.0, np.nan], np.float32)]
     with pytest.raises(ValueError, match="NaN"):
         exact_quantiles(lambda: chunks, [0.5])
     with pytest.raises(ValueError, match="NaN"):
         exact_quantiles(lambda: [torch.tensor([0.0, float("nan")], dtype=torch.bfloat16)], [0.5])
+    sketch = sketch_of([0.5], [np.float32([1.0, np.inf, -np.inf])])  # infinities are not NaN
+    negative_nan = np.float32([2.0, -np.nan])
+    assert np.signbit(negative_nan[1])
+    with pytest.raises(ValueError, match="NaN"):
+        sketch.add_pass1(negative_nan)
+    assert sketch.count == 3
 
 
 @pytest.mark.parametrize("chunks", [[], [np.array([], np.float32)], [torch.empty(0, 3)]])
@@ -227,7 +236,7 @@ def test_memory_does_not_grow_with_the_number_of_values() -> None:
 
 
 def test_c_pass2_counts_equal_numpy_and_numpy_serves_without_a_compiler(monkeypatch) -> None:
-    """The C sweep and the numpy count give the same low-half counts (ties, both signs, zeros,
+    """The C sweeps and the numpy counts give the same bucket and low-half counts (ties, both signs, zeros,
     subnormals, infinities, a 100-level grid's buckets, a value repeated past a 16-bit count's
     65,535, which carries); without a C compiler numpy counts alone."""
     rng = np.random.default_rng(11)
@@ -249,6 +258,7 @@ def test_c_pass2_counts_equal_numpy_and_numpy_serves_without_a_compiler(monkeypa
     by_numpy = fed(QuantileSketch(grid))
     assert by_c._pass2._carries == by_numpy._pass2._carries == 2  # 140,000 = 2 * 65,536 + 8,928
     assert by_c.pass2_bytes == len(by_c.needed_buckets) * 2 << 16
+    assert np.array_equal(by_c._counts, by_numpy._counts)  # pass 1
     assert np.array_equal(by_c._pass2._counts(), by_numpy._pass2._counts())
     assert by_c._pass2._counts().max() == 140_000
     np.testing.assert_array_equal(by_numpy.result(), percentile(values, grid))
