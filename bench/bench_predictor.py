@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
 MODEL = "smollm2-135m"
 CALIBRATION_TEXT = REPO / "resources/data/wikitext-2-raw/wiki.valid.raw.gz"
+SWEEP_SAMPLES = 20 * 4096  # the least each sweep size trains on: the default run's 20 epochs of 4,096 tokens
 
 
 def gate_early(model, activity: pattern_study.Activity, layer: int, lookahead: int, threshold: float) -> np.ndarray:
@@ -52,6 +53,10 @@ def gate_early(model, activity: pattern_study.Activity, layer: int, lookahead: i
     with torch.no_grad():
         act = block.mlp.act_fn(block.mlp.gate_proj(x if lookahead == 0 else block.post_attention_layernorm(x)))
     return (act.abs() >= threshold).numpy()
+
+
+def print_row(row: dict) -> None:
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
 
 def predicted(net: patterns.Predictor, x: np.ndarray) -> np.ndarray:
@@ -81,7 +86,7 @@ def main() -> None:
     layers = args.layers if args.layers is not None else list(range(len(model.model.layers)))
     bos = models.bos_id(tokenizer)
     if args.sweep_tokens:
-        capacity_sweep(model, tokenizer, thresholds_path, ids["evaluation"], layers, args)
+        capacity_sweep(model, tokenizer, bos, thresholds_path, ids["evaluation"], layers, args)
         return
     with stages.sparsified(model, [thresholds_path], "all"):
         train, test = (pattern_study.gather_activity(model, ids[name], bos, 256, None, layers, True)
@@ -104,7 +109,7 @@ def main() -> None:
         row["frequency"] = patterns.evaluate_predictor(patterns.frequency_baseline(seen), actual)["f1"]
         row["hot_set"] = patterns.evaluate_predictor(patterns.hot_neurons(seen, 0.5), actual)["f1"]
         rows.append(row)
-        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        print_row(row)
     table = pd.DataFrame(rows)
     print(table.to_markdown(index=False, floatfmt=".3f"))
     means = table.drop(columns=["layer"]).mean()
@@ -113,17 +118,17 @@ def main() -> None:
           f"{seconds:.1f} s for {len(layers)} layers")
 
 
-def capacity_sweep(model, tokenizer, thresholds_path: Path, eval_ids: list[int], layers: list[int], args) -> None:
+def capacity_sweep(model, tokenizer, bos: int, thresholds_path: Path, eval_ids: list[int], layers: list[int],
+                   args) -> None:
     """Lookahead F1 on the training and the evaluation tokens per (training size, rank, layer)."""
     text = corpora.load_text({"path": CALIBRATION_TEXT})
     train_ids = corpora.tokenize(text, tokenizer, max(args.sweep_tokens))["input_ids"].tolist()
-    bos = models.bos_id(tokenizer)
     with stages.sparsified(model, [thresholds_path], "all"):
         train, test = (pattern_study.gather_activity(model, ids, bos, 256, layers, (), True)
                        for ids in (train_ids, eval_ids))
     rows = []
     for tokens in sorted(args.sweep_tokens):
-        epochs = max(args.epochs, -(-20 * 4096 // tokens))
+        epochs = max(args.epochs, -(-SWEEP_SAMPLES // tokens))
         for rank in args.sweep_ranks:
             for layer in layers:
                 features, seen = pattern_study.lookahead_features(train, layer, args.lookahead), train.patterns[layer]
@@ -136,8 +141,7 @@ def capacity_sweep(model, tokenizer, thresholds_path: Path, eval_ids: list[int],
                            test.patterns[layer])["f1"],
                        "seconds": time.perf_counter() - started}
                 rows.append(row)
-                print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                      flush=True)
+                print_row(row)
     table = pd.DataFrame(rows)
     print(table.to_markdown(index=False, floatfmt=("g", "g", "g", "g", ".3f", ".3f", ".1f")))
     print(table.pivot_table(index=["tokens", "rank"], values=["train_f1", "eval_f1"]).to_markdown(floatfmt=".3f"))
