@@ -263,3 +263,23 @@ def test_c_pass2_counts_equal_numpy_and_numpy_serves_without_a_compiler(monkeypa
     assert by_c._pass2._counts().max() == 140_000
     np.testing.assert_array_equal(by_numpy.result(), percentile(values, grid))
     np.testing.assert_array_equal(by_c.result(), by_numpy.result())
+
+
+def test_counts_past_16_bits_carry_through_the_device_gather_and_a_merge(monkeypatch) -> None:
+    """A value repeated 140,000 times in each of two shards: its count passes 65,535 in each
+    shard's 16-bit row (counted on the "device", here the CPU through the PyTorch path) and again
+    when the shards' pass-2 counts merge; the quantiles still equal numpy's."""
+    monkeypatch.setattr(quantiles, "_on_device", lambda chunk: isinstance(chunk, torch.Tensor))
+    rng = np.random.default_rng(12)
+    shards = [np.concatenate([np.full(140_000, 0.75, np.float32), rng.standard_normal(5_000, dtype=np.float32)])
+              for _ in range(2)]
+    grid = np.arange(100) / 100
+    merged = sketch_of(grid, [torch.from_numpy(shards[0])])
+    merged.merge(sketch_of(grid, [torch.from_numpy(shards[1])]))
+    assert merged.needed_buckets.size > 0  # ends pass 1 before the copies
+    workers = [copy.deepcopy(merged) for _ in shards]
+    for worker, shard in zip(workers, shards):
+        worker.add_pass2(torch.from_numpy(shard))
+    workers[0].merge(workers[1])
+    assert workers[0]._pass2._counts().max() == 280_000
+    np.testing.assert_array_equal(workers[0].result(), percentile(np.concatenate(shards), grid))
