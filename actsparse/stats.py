@@ -217,15 +217,16 @@ def _summarize_float32(batch: torch.Tensor, sums: bool) -> BatchSummary:
     """float32 values have too many magnitudes to count each: their bins come from comparing
     with the edges in float64, block by block like the sums (PyTorch ops, on the batch's device)."""
     counts = torch.zeros(NBINS + 1, dtype=torch.int64, device=batch.device)
-    sum_abs = torch.zeros(batch.shape[1], dtype=torch.float64, device=batch.device)
+    sum_abs = torch.zeros(batch.shape[1], dtype=torch.float64, device=batch.device) if sums else None
     for block in batch.split(max(1, SUM_BLOCK_VALUES // max(1, batch.shape[1]))):
         values = block.abs().double().contiguous()  # bucketize wants contiguous values
         bins = 1 + torch.bucketize(values, _edges_on(batch.device), right=True)
         bins = bins.masked_fill_(values == 0, ZERO_BIN).masked_fill_(values.isnan(), _NAN_SLOT)
         counts += torch.bincount(bins.reshape(-1), minlength=NBINS + 1)
-        if sums:
+        if sum_abs is not None:
             sum_abs += values.sum(0)
-    return BatchSummary(batch.dtype, batch.shape[1], None, sum_abs.cpu().numpy() if sums else None, counts.cpu().numpy())
+    return BatchSummary(batch.dtype, batch.shape[1], None, None if sum_abs is None else sum_abs.cpu().numpy(),
+                        counts.cpu().numpy())
 
 
 def _summarize_native(batch: torch.Tensor, sums: bool) -> BatchSummary:
