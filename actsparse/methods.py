@@ -55,7 +55,9 @@ needs 128 KiB per distinct 16-bit bucket holding a needed rank, about one per le
 keys whose counts fit the source's budget (``_PASS2_BYTES`` for stores: several groups for the
 grid, with no array read twice; 4 GiB for forwards). A magnitude stream whose exact
 distribution the source already counted (16-bit values, storeless) needs no pass at all
-(``quantiles.histogram_quantiles``). Memory does not grow with the calibration tokens: 512 KiB
+(``quantiles.histogram_quantiles``), and an importance stream of 16-bit values needs one
+(per-channel magnitude counts, ``quantiles.ChannelMagnitudeCounts``, 32 KiB a channel) where
+the counts of all such keys fit the budget at once. Memory does not grow with the calibration tokens: 512 KiB
 per key for pass 1, one group's pass-2 counts, and one read block (one batch, for forwards).
 
 Threshold files: safetensors, one float64 tensor ``layers.{i}.{component}`` per key (0-d or a
@@ -94,7 +96,7 @@ from actsparse.registry import (  # noqa: F401 (re-exported: the registry is par
     requirements,
 )
 from actsparse.provenance import CHECKSUM, damage_report, verify_safetensors, write_safetensors
-from actsparse.quantiles import QuantileSketch, histogram_quantiles
+from actsparse.quantiles import ChannelMagnitudeCounts, QuantileSketch, histogram_quantiles
 from actsparse.sources import BlockSource, StoreSource
 from actsparse.stats import Key, check_key
 
@@ -175,9 +177,15 @@ def _magnitude(chunk: torch.Tensor) -> torch.Tensor:
     return chunk.abs().to(torch.float32)  # abs first: exact in 16 bits, and half the bytes
 
 
-def _importance(scale: torch.Tensor) -> Transform:
-    """CHESS's |a| * m_c, computed chunk by chunk in float32."""
-    return lambda chunk: _magnitude(chunk).mul_(scale.to(chunk.device))
+class _Importance:
+    """CHESS's |a| * m_c (WINA's |x| * n_c), computed chunk by chunk in float32; the scale is
+    kept so that a one-pass fit (``_scaled_quantiles``) can apply it after counting."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        self.scale = scale
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        return _magnitude(chunk).mul_(self.scale.to(chunk.device))
 
 
 def _sweep(
@@ -219,10 +227,32 @@ def _counted_quantiles(
     return counted
 
 
+def _scaled_quantiles(
+    source: BlockSource, streams: Mapping[Key, Transform], qs: np.ndarray, budget: int
+) -> dict[Key, np.ndarray]:
+    """The quantiles of every importance stream of 16-bit values in one pass, from per-channel
+    magnitude counts (``quantiles.ChannelMagnitudeCounts``), when those of all such streams fit
+    ``budget`` bytes at once; else none (the sketch's two passes then fit them)."""
+    scaled = {key: t for key, t in streams.items() if isinstance(t, _Importance)}
+    if source.dtype not in (torch.float16, torch.bfloat16) or not scaled or sum(
+            ChannelMagnitudeCounts.bytes_for(len(t.scale)) for t in scaled.values()) > budget:
+        return {}
+    counts = {key: ChannelMagnitudeCounts(len(t.scale), source.dtype) for key, t in scaled.items()}
+    for shard, key, chunk in source.blocks(list(scaled)):
+        try:
+            counts[key].add(chunk)  # refuses NaN
+        except ValueError as exc:
+            raise _nan_error(shard, key) from exc
+    return {key: counts.pop(key).quantiles(t.scale.numpy(), qs) for key, t in scaled.items()}
+
+
 def _exact_quantiles(
     source: BlockSource, streams: Mapping[Key, Transform], qs: np.ndarray
 ) -> dict[Key, np.ndarray]:
+    # a source whose passes cost a forward each holds more counts at once (sources.ForwardSource)
+    budget = getattr(source, "pass2_bytes", _PASS2_BYTES)
     results = _counted_quantiles(source, streams, qs)
+    results |= _scaled_quantiles(source, {k: t for k, t in streams.items() if k not in results}, qs, budget)
     streams = {key: transform for key, transform in streams.items() if key not in results}
     if not streams:
         return results
@@ -232,8 +262,7 @@ def _exact_quantiles(
             sketches[key].add_pass1(values)  # refuses NaN
         except ValueError as exc:
             raise _nan_error(shard, key) from exc
-    # a source whose passes cost a forward each holds more counts at once (sources.ForwardSource)
-    for group in _pass2_groups(sketches, getattr(source, "pass2_bytes", _PASS2_BYTES)):
+    for group in _pass2_groups(sketches, budget):
         for _, key, values in _sweep(source, {key: streams[key] for key in group}):
             sketches[key].add_pass2(values)
         results |= {key: sketches[key].result() for key in group}
@@ -294,7 +323,7 @@ def _chess_scales(calib: Calibration, opts: Options) -> dict[int, torch.Tensor]:
 def _chess_streams(calib: Calibration, opts: Options) -> tuple[dict[Key, Transform], dict[int, torch.Tensor]]:
     """Importance streams of act, magnitude streams of the other masked components, and m_c."""
     scales = _chess_scales(calib, opts)
-    streams: dict[Key, Transform] = {(layer, "act"): _importance(m) for layer, m in scales.items()}
+    streams: dict[Key, Transform] = {(layer, "act"): _Importance(m) for layer, m in scales.items()}
     others = [c for c in opts.masks if c != "act"]
     streams |= {key: _magnitude for key in calib.keys(others, opts.method)}
     return streams, scales
@@ -326,7 +355,7 @@ def _fit_column_norm(calib: Calibration, qs: np.ndarray, opts: Options) -> dict[
             raise ValueError(f"method {opts.method!r}: layer {key[0]} {key[1]!r} needs {channels} column norms, "
                              f"got {None if norm is None else np.shape(norm)}")
         scales[key] = torch.as_tensor(np.asarray(norm, dtype=np.float32))
-    fitted = _quantiles(calib, {key: _importance(scale) for key, scale in scales.items()}, qs, opts)
+    fitted = _quantiles(calib, {key: _Importance(scale) for key, scale in scales.items()}, qs, opts)
     return {key: _channel_thresholds(fitted[key], scale) for key, scale in scales.items()}
 
 

@@ -24,6 +24,10 @@ reproducing numpy exactly: +-inf values give inf or NaN where numpy does, and -0
 distinct order statistics here (-0.0 first) while numpy leaves their order to its partition, so
 a zero result may differ from numpy's in sign only.
 
+Where the values are per-channel multiples of 16-bit magnitudes (CHESS's importance ``|a| * m_c``),
+``ChannelMagnitudeCounts`` counts each channel's magnitudes in one pass instead, and both
+passes then run over those counts (``histogram_quantiles``: the sketch fed a histogram).
+
 Memory: 512 KiB for the pass-1 counts plus 128 KiB per distinct bucket holding a needed rank
 (at most two per q, usually one: 16-bit counts, with a 32-bit carry row of which only the pages
 of counts past 65,535 are ever touched; twice that while a large chunk is added), plus a few
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
@@ -41,6 +46,7 @@ import numpy as np
 import torch
 
 from actsparse import native
+from actsparse.stats import PATTERNS, pattern_magnitudes
 
 Chunk = np.ndarray | torch.Tensor
 
@@ -91,6 +97,7 @@ def _halves(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 _NATIVE_SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 /* Pass 1 of a host chunk in one sweep: each float32 bit pattern counted in its bucket (w >> 16).
    Returns how many were NaN (counted too: the caller discards these counts then). */
 int64_t count_high_halves(const uint32_t *restrict words, int64_t n, int64_t *restrict counts) {
@@ -120,6 +127,123 @@ int64_t count_low_halves(const uint32_t *restrict words, int64_t n, const uint32
     }
     return carries;
 }
+/* One [rows, channels] block of 16-bit floats (bit patterns, row-major) counted per channel
+   and magnitude (sign cleared) in rows of 32,768 one-byte counts: a count wrapping past 255
+   writes its cell to wraps (room for one per value), and the number written is returned.
+   Channels go 32 at a time, so the counts written stay within 32 rows (1 MiB) while the
+   block's rows stream past. Magnitudes above nan_floor (the dtype's infinity) are NaN: their
+   number goes to *nans (counted too: the caller discards these counts then). */
+int64_t count_channel_magnitudes(const uint16_t *restrict values, int64_t rows, int64_t channels,
+                                 uint8_t *restrict low, int32_t *restrict wraps, uint32_t nan_floor,
+                                 int64_t *restrict nans) {
+    int64_t written = 0, nan_count = 0;
+    for (int64_t first = 0; first < channels; first += 32) {
+        int64_t last = first + 32 < channels ? first + 32 : channels;
+        for (int64_t r = 0; r < rows; r++) {
+            const uint16_t *row = values + r * channels;
+            for (int64_t c = first; c < last; c++) {
+                uint32_t magnitude = row[c] & 0x7FFFu;
+                int64_t j = c << 15 | magnitude;
+                nan_count += magnitude > nan_floor;
+                if (!++low[j])
+                    wraps[written++] = (int32_t)j;
+            }
+        }
+    }
+    *nans = nan_count;
+    return written;
+}
+/* The sketch's two passes over the scores such a table's bytes hold: the count n of (channel
+   c, magnitude p) is the count of the score fl(magnitudes[p] * scales[c]). Cells go 64 at a
+   time. Pass 1 skips blocks of zero counts, adds each n to its score's bucket, the sum of all
+   to *total, and returns how many scores were NaN. Pass 2 adds each n at its score's low half
+   in its bucket's slot, as count_low_halves, and returns the carries made; since a channel's
+   scores rise with p (rounding is monotone and scales are >= 0), it skips, unread, every
+   block whose first and last scores' buckets enclose no needed bucket (needed_below[b]: how
+   many needed buckets lie below b), which is nearly every block. A block reaching the NaN
+   patterns (or an infinite score) is never skipped. */
+static inline uint32_t score_bits(float magnitude, float scale) {
+    float score = magnitude * scale;
+    uint32_t w;
+    memcpy(&w, &score, sizeof w);
+    return w;
+}
+static inline int zero_block(const uint8_t *cells) {
+    uint64_t eight[8], any = 0;
+    memcpy(eight, cells, sizeof eight);
+    for (int i = 0; i < 8; i++)
+        any |= eight[i];
+    return !any;
+}
+static inline uint32_t bucket_of(const float *magnitudes, int64_t j, float scale) {
+    return score_bits(magnitudes[j & 0x7FFF], scale) >> 16;
+}
+int64_t count_scaled_high(const uint8_t *restrict low, int64_t channels, const float *restrict magnitudes,
+                          const float *restrict scales, int64_t *restrict counts, int64_t *restrict total) {
+    int64_t nans = 0, seen = 0;
+    for (int64_t block = 0; block < channels << 15; block += 64) {
+        if (zero_block(low + block))
+            continue;
+        float scale = scales[block >> 15];
+        for (int64_t group = block; group < block + 64; group += 8) {
+            uint64_t eight;
+            memcpy(&eight, low + group, sizeof eight);
+            if (!eight)
+                continue;
+            uint32_t first = bucket_of(magnitudes, group, scale), last = bucket_of(magnitudes, group + 7, scale);
+            if (first == last && last < 0x7F80u) {  /* one finite bucket: add the group's sum */
+                uint32_t sum = 0;
+                for (int i = 0; i < 8; i++)
+                    sum += low[group + i];
+                counts[first] += sum;
+                seen += sum;
+                continue;
+            }
+            for (int64_t j = group; j < group + 8; j++) {
+                uint32_t n = low[j], w = score_bits(magnitudes[j & 0x7FFF], scale);
+                counts[w >> 16] += n;
+                nans += (w & 0x7FFFFFFFu) > 0x7F800000u ? n : 0;
+                seen += n;
+            }
+        }
+    }
+    *total = seen;
+    return nans;
+}
+/* Whether the buckets first..last (first <= last) enclose no needed bucket. */
+static inline int unneeded(const uint32_t *needed_below, uint32_t first, uint32_t last) {
+    return last < 0x7F80u && needed_below[last + 1] == needed_below[first];
+}
+int64_t count_scaled_low(const uint8_t *restrict low, int64_t channels, const float *restrict magnitudes,
+                         const float *restrict scales, const uint32_t *restrict slot_of_bucket,
+                         const uint32_t *restrict needed_below, uint16_t *restrict slot_low,
+                         uint32_t *restrict slot_carry) {
+    int64_t carries = 0;
+    for (int64_t block = 0; block < channels << 15; block += 64) {
+        float scale = scales[block >> 15];
+        if (unneeded(needed_below, bucket_of(magnitudes, block, scale), bucket_of(magnitudes, block + 63, scale)))
+            continue;
+        for (int64_t group = block; group < block + 64; group += 8) {
+            if (unneeded(needed_below, bucket_of(magnitudes, group, scale), bucket_of(magnitudes, group + 7, scale)))
+                continue;
+            for (int64_t j = group; j < group + 8; j++) {
+                uint32_t n = low[j];
+                if (!n)
+                    continue;
+                uint32_t w = score_bits(magnitudes[j & 0x7FFF], scale), slot = slot_of_bucket[w >> 16];
+                if (slot) {
+                    int64_t k = (int64_t)(slot - 1) << 16 | (w & 0xFFFF), sum = slot_low[k] + n;
+                    slot_low[k] = (uint16_t)sum;
+                    if (sum >> 16) {
+                        slot_carry[k] += (uint32_t)(sum >> 16);
+                        carries++;
+                    }
+                }
+            }
+        }
+    }
+    return carries;
+}
 """
 
 
@@ -134,6 +258,14 @@ def native_library() -> ctypes.CDLL | None:
         lib.count_low_halves.restype = ctypes.c_int64
         lib.count_high_halves.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.count_high_halves.restype = ctypes.c_int64
+        lib.count_channel_magnitudes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                                 ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p]
+        lib.count_channel_magnitudes.restype = ctypes.c_int64
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        lib.count_scaled_high.argtypes = [pointer, size, pointer, pointer, pointer, pointer]
+        lib.count_scaled_high.restype = size
+        lib.count_scaled_low.argtypes = [pointer, size, pointer, pointer, pointer, pointer, pointer, pointer]
+        lib.count_scaled_low.restype = size
     return lib
 
 
@@ -171,10 +303,18 @@ class QuantileSketch:
         """Number of values seen in pass 1."""
         return int(self._counts.sum())
 
-    def add_pass1(self, chunk: Chunk) -> None:
-        """Count a chunk's values by bucket; NaN is refused since it has no rank."""
+    def add_pass1(self, chunk: Chunk, counts: np.ndarray | None = None) -> None:
+        """Count a chunk's values by bucket (each ``counts[i]`` times, if given: int64 counts of a
+        host chunk's values); NaN is refused since it has no rank."""
         if self._pass2 is not None:
             raise RuntimeError("add_pass1 after pass 2 started")
+        if counts is not None:
+            values = _float32_flat(chunk)
+            if np.isnan(values[counts > 0]).any():
+                raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
+            # float64 weights: exact while a bucket holds fewer than 2**53 values
+            self._counts += np.bincount(_halves(values)[0], counts, _BUCKETS).astype(np.int64)
+            return
         if _on_device(chunk):
             if chunk.isnan().any():
                 raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
@@ -201,13 +341,14 @@ class QuantileSketch:
         """
         return self._start_pass2().buckets
 
-    def add_pass2(self, chunk: Chunk) -> None:
-        """Count the low 16 bits of a chunk's values that fall in a needed bucket."""
+    def add_pass2(self, chunk: Chunk, counts: np.ndarray | None = None) -> None:
+        """Count the low 16 bits of a chunk's values that fall in a needed bucket (weighted by
+        ``counts`` as in pass 1)."""
         pass2 = self._start_pass2()
-        if _on_device(chunk):
+        if _on_device(chunk) and counts is None:
             pass2.add_on_device(chunk)
         else:
-            pass2.add(_float32_flat(chunk))
+            pass2.add(_float32_flat(chunk), counts)
 
     @property
     def pass2_bytes(self) -> int:
@@ -251,6 +392,75 @@ class QuantileSketch:
         return self._pass2
 
 
+def _zeroed(shape: tuple[int, int], dtype: type) -> np.ndarray:
+    """A zeroed array in a private anonymous mapping of its own, unmapped with the array.
+
+    Why not ``np.zeros`` for the per-channel tables: they are large, live for a whole pass and
+    are first touched in scattered order, and on the VMs measured (Firecracker guests) the first
+    touch of a fresh malloc'd page is what costs: SmolLM2's 30 tables of 48 MiB took 2.9-4.3 s
+    to fill from one block each that way, 0.6-0.7 s in such mappings. Private, not shared:
+    shared anonymous memory is shmem, whose page faults cost more again (counting 30 layers of
+    4,096 tokens 0.94 s against 1.13 s, reading the tables back 3.5 s against 3.9 s, one run
+    each alternating). Small, short-lived counts (the sketch's pass 2) stay with ``np.zeros``,
+    whose freed memory malloc hands out again warm.
+    """
+    count = int(np.prod(shape))
+    memory = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(memory, dtype, count).reshape(shape)
+
+
+class _SplitCounts:
+    """Counts held as 16-bit rows plus 32-bit carry rows (count = low + 65536 * carry).
+
+    Why: the fresh pages a count table faults in dominated a storeless CHESS fit (25 ns a value
+    in 64-bit counts, not 6 warm); here only the 16-bit rows' pages are touched, the carry rows'
+    only where a count passes 65,535 (zeroed memory is mapped untouched). ``carries`` counts
+    those; while it is 0 the carry rows are never read.
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.low, self.carry = np.zeros(shape, np.uint16), np.zeros(shape, np.uint32)
+        self.carries = 0
+
+    @property
+    def nbytes(self) -> int:
+        """The 16-bit rows' bytes: what a budget counts."""
+        return self.low.nbytes
+
+    def read(self) -> np.ndarray:
+        """All counts, int64."""
+        counts = self.low.astype(np.int64)
+        if self.carries:
+            counts += self.carry.astype(np.int64) << 16
+        return counts
+
+    def row(self, row: int) -> np.ndarray:
+        """One row's counts: its 16-bit counts themselves while no count carried."""
+        if not self.carries:
+            return self.low[row]
+        return self.low[row].astype(np.int64) + (self.carry[row].astype(np.int64) << 16)
+
+    def row_sums(self) -> np.ndarray:
+        seen = self.low.sum(axis=1, dtype=np.int64)
+        if self.carries:
+            seen += self.carry.sum(axis=1, dtype=np.int64) << 16
+        return seen
+
+    def add(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Add ``counts`` at the distinct flat positions ``keys``."""
+        low, carry = self.low.reshape(-1), self.carry.reshape(-1)
+        total = low[keys] + counts.astype(np.int64)
+        low[keys] = total & 0xFFFF
+        carried = total >> 16
+        carry[keys] += carried.astype(np.uint32)
+        self.carries += int(np.count_nonzero(carried))
+
+    def add_dense(self, counts: np.ndarray) -> None:
+        """Add a flat int64 array of counts of every position (a device's, another shard's)."""
+        keys = np.flatnonzero(counts)
+        self.add(keys, counts[keys])
+
+
 class _Pass2:
     """Low-16-bit counts of the buckets holding the needed ranks, and the ranks' lookup."""
 
@@ -264,56 +474,42 @@ class _Pass2:
         self._expected = ordered[self._positions]
         self._slot_of_bucket = np.zeros(_BUCKETS, np.uint32)  # 1-based slot of each needed bucket, else 0
         self._slot_of_bucket[self.buckets] = np.arange(1, len(self.buckets) + 1)
-        # Counts as low + 65536 * carry: the fresh pages a pass 2 faults in (which dominated a
-        # storeless CHESS fit's, 25 ns a value in 64-bit counts, not 6) are the 16-bit rows', the
-        # carry rows' only where a count passes 65,535 (zeroed memory is mapped untouched)
-        shape = (len(self.buckets), _BUCKETS)
-        self._low, self._carry = np.zeros(shape, np.uint16), np.zeros(shape, np.uint32)
-        self._carries = 0  # none: the carry rows are all zero, and never read
+        self._split = _SplitCounts((len(self.buckets), _BUCKETS))  # row: a needed bucket's low halves
         self._device_counts: torch.Tensor | None = None  # counts kept where the chunks lie
         self._total = 0
 
     @property
     def counts_bytes(self) -> int:
-        """The 16-bit rows' bytes (the carry rows' pages are touched only by counts past 65,535)."""
-        return self._low.nbytes
+        return self._split.nbytes
 
-    def _counts(self, rows: int | slice = slice(None)) -> np.ndarray:
-        """int64 counts of the needed buckets' low halves (one bucket's row, or all)."""
-        counts = self._low[rows].astype(np.int64)
-        if self._carries:
-            counts += self._carry[rows].astype(np.int64) << 16
-        return counts
-
-    def _add_counts(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        """Add ``counts`` at the distinct flat (slot << 16 | low) ``keys``."""
-        low, carry = self._low.reshape(-1), self._carry.reshape(-1)
-        total = low[keys] + counts.astype(np.int64)
-        low[keys] = total & 0xFFFF
-        carried = total >> 16
-        carry[keys] += carried.astype(np.uint32)
-        self._carries += int(np.count_nonzero(carried))
-
-    def add(self, values: np.ndarray) -> None:
+    def add(self, values: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Count the low halves of ``values`` in needed buckets, each once or ``counts[i]`` times."""
         lib = native_library()
-        if lib is not None:
+        if lib is not None and counts is None:
             values = np.ascontiguousarray(values)
-            self._carries += lib.count_low_halves(values.ctypes.data, values.size, self._slot_of_bucket.ctypes.data,
-                                                  self._low.ctypes.data, self._carry.ctypes.data)
+            self._split.carries += lib.count_low_halves(
+                values.ctypes.data, values.size, self._slot_of_bucket.ctypes.data,
+                self._split.low.ctypes.data, self._split.carry.ctypes.data)
             self._total += values.size
             return
         high, low = _halves(values)
         slots = np.take(self._slot_of_bucket, high)
         hits = np.flatnonzero(slots)
-        self._add_counts(*np.unique((slots[hits].astype(np.intp) - 1) << 16 | low[hits], return_counts=True))
-        self._total += values.size
+        keys = (slots[hits].astype(np.intp) - 1) << 16 | low[hits]
+        if counts is None:
+            self._split.add(*np.unique(keys, return_counts=True))
+            self._total += values.size
+            return
+        distinct, at = np.unique(keys, return_inverse=True)
+        self._split.add(distinct, np.bincount(at, weights=counts[hits], minlength=len(distinct)).astype(np.int64))
+        self._total += int(counts.sum())
 
     def add_on_device(self, chunk: torch.Tensor) -> None:
         """``add`` with PyTorch ops on the chunk's device, the counts staying there until read."""
         high, low = _device_halves(chunk)
         if self._device_counts is None:
             self._slot_table = torch.from_numpy(self._slot_of_bucket.astype(np.int64)).to(chunk.device)
-            self._device_counts = torch.zeros(self._low.size, dtype=torch.int64, device=chunk.device)
+            self._device_counts = torch.zeros(self._split.low.size, dtype=torch.int64, device=chunk.device)
         slots = self._slot_table[high]
         hits = slots > 0
         keys = (slots[hits] - 1) << 16 | low[hits]
@@ -323,17 +519,13 @@ class _Pass2:
     def _gather(self) -> None:
         """Fold the device's counts into the host's."""
         if self._device_counts is not None:
-            counts = self._device_counts.cpu().numpy()
-            keys = np.flatnonzero(counts)
-            self._add_counts(keys, counts[keys])
+            self._split.add_dense(self._device_counts.cpu().numpy())
             self._device_counts = None
 
     def merge(self, other: _Pass2) -> None:
         self._gather()
         other._gather()
-        counts = other._counts().reshape(-1)
-        keys = np.flatnonzero(counts)
-        self._add_counts(keys, counts[keys])
+        self._split.add_dense(other._split.read().reshape(-1))
         self._total += other._total
 
     def order_statistics(self, ranks: np.ndarray) -> np.ndarray:
@@ -353,15 +545,22 @@ class _Pass2:
         """Bit patterns of the values ``offsets`` places (0-based) into needed bucket ``slot``."""
         bucket = int(self.buckets[slot])
         negative = bucket >= _SIGN_BUCKET  # larger low bits are smaller values
-        counts = self._counts(slot)
-        low = np.cumsum(counts[::-1] if negative else counts).searchsorted(offsets, side="right")
+        counts = self._split.row(slot)
+        ordered = counts[::-1] if negative else counts  # in value order
+        # two levels (256 spans of 256), so no cumulative count of all 65,536 is made
+        span_sums = ordered.reshape(256, 256).sum(axis=1, dtype=np.int64)
+        span_ends = np.cumsum(span_sums)
+        spans = span_ends.searchsorted(offsets, side="right")
+        low = np.empty(len(offsets), dtype=np.int64)
+        for span in np.unique(spans):
+            at = spans == span
+            within = offsets[at] - (span_ends[span] - span_sums[span])
+            low[at] = span << 8 | np.cumsum(ordered[span << 8 : (span + 1) << 8], dtype=np.int64).searchsorted(within, side="right")
         return bucket << 16 | (_BUCKETS - 1 - low if negative else low)
 
     def _check_complete(self) -> None:
         """Pass 2 must have seen exactly pass 1's values, else the ranks point at wrong values."""
-        seen = self._low.sum(axis=1, dtype=np.int64)
-        if self._carries:
-            seen += self._carry.sum(axis=1, dtype=np.int64) << 16
+        seen = self._split.row_sums()
         if self._total != self.expected_total or not np.array_equal(seen, self._expected):
             raise ValueError(
                 f"pass 2 saw {self._total} values ({seen.tolist()} in the needed buckets) where"
@@ -370,37 +569,152 @@ class _Pass2:
             )
 
 
+class ChannelMagnitudeCounts:
+    """Per channel, how often each magnitude of a 16-bit float (32,768 bit patterns, sign
+    cleared) occurs in one (layer, component): enough for the exact quantiles of ``|x_c| * s_c``
+    for per-channel scales ``s`` known only afterwards, so a scaled score (CHESS's ``|a| * m_c``,
+    WINA's) needs one pass over the values, not the sketch's two.
+
+    Why exact: within a channel the score is ``fl(|x| * s_c)`` of one of 32,768 magnitudes, so
+    these counts give its exact distribution; ``quantiles`` weights each (channel, magnitude)
+    score by its count.
+
+    Layout: one byte a count, 32 KiB a channel (``bytes_for``; 48 MiB for a SmolLM2 layer, which
+    is why a fit uses these only where all such keys fit its source's budget at once). The
+    first touch of a fresh page dominated the counting, so the table is as narrow as it can be:
+    a count past 255 wraps, and the C loop lists each wrap's cell (a few per thousand values
+    where a channel's magnitudes crowd), kept beside the table as (cells, 256 each) and merged
+    into one count per cell once more than ``WRAPS_HELD`` are listed, so they stay bounded by
+    the crowded cells, not the values. Chunks on a GPU are counted there (``torch.bincount``)
+    and the counts fetched once.
+    """
+
+    WRAPS_HELD = 1 << 20
+
+    def __init__(self, channels: int, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"per-channel magnitude counts need float16 or bfloat16 values, not {dtype}")
+        self.channels, self.dtype = channels, dtype
+        self._low = _zeroed((channels, PATTERNS), np.uint8)
+        self._wrapped: list[tuple[np.ndarray, np.ndarray]] = []  # (cells, int64 counts) past the bytes
+        self._wrapped_cells, self._merge_at = 0, self.WRAPS_HELD
+        self._nan_floor = int(torch.tensor(float("inf"), dtype=dtype).view(torch.int16))  # inf's magnitude
+        self._device_counts: torch.Tensor | None = None
+
+    @staticmethod
+    def bytes_for(channels: int) -> int:
+        return channels * PATTERNS
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """Count a [rows, channels] chunk of this dtype. NaN is refused: the error ends the fit
+        (these counts are not to be used after it)."""
+        if chunk.dtype != self.dtype or chunk.dim() != 2 or chunk.shape[1] != self.channels:
+            raise ValueError(f"expected [rows, {self.channels}] {self.dtype} values, got "
+                             f"{tuple(chunk.shape)} {chunk.dtype}")
+        patterns = chunk.detach().contiguous().view(torch.int16)
+        if _on_device(chunk):
+            if chunk.isnan().any():
+                raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
+            keys = torch.arange(self.channels, device=chunk.device) << 15 | (patterns.long() & 0x7FFF)
+            if self._device_counts is None:
+                self._device_counts = torch.zeros(self._low.size, dtype=torch.int64, device=chunk.device)
+            self._device_counts += torch.bincount(keys.reshape(-1), minlength=self._device_counts.numel())
+            return
+        words = patterns.numpy().view(np.uint16)
+        lib = native_library()
+        if lib is None:
+            magnitudes = words & 0x7FFF
+            nans = int(np.count_nonzero(magnitudes > self._nan_floor))
+            self._add(*np.unique(np.arange(self.channels, dtype=np.intp) << 15 | magnitudes, return_counts=True))
+        else:
+            wraps = np.empty(words.size, np.int32)  # room for a wrap per value; pages are touched as written
+            found = ctypes.c_int64()
+            written = lib.count_channel_magnitudes(words.ctypes.data, len(words), self.channels, self._low.ctypes.data,
+                                                   wraps.ctypes.data, self._nan_floor, ctypes.byref(found))
+            nans = found.value
+            if written:
+                self._keep_wrapped(wraps[:written].astype(np.intp), np.full(written, 256, np.int64))
+        if nans:
+            raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
+
+    def _add(self, cells: np.ndarray, counts: np.ndarray) -> None:
+        """Add ``counts`` at the distinct flat ``cells``, what passes a byte kept beside."""
+        low = self._low.reshape(-1)
+        total = low[cells] + counts.astype(np.int64)
+        low[cells] = total & 0xFF
+        over = total >= 256
+        self._keep_wrapped(cells[over], total[over] & ~0xFF)
+
+    def _keep_wrapped(self, cells: np.ndarray, counts: np.ndarray) -> None:
+        self._wrapped.append((cells, counts))
+        self._wrapped_cells += len(cells)
+        if self._wrapped_cells > self._merge_at:
+            cells, at = np.unique(np.concatenate([c for c, _ in self._wrapped]), return_inverse=True)
+            counts = np.bincount(at, np.concatenate([n for _, n in self._wrapped]), len(cells))  # exact below 2**53
+            self._wrapped, self._wrapped_cells = [(cells, counts.astype(np.int64))], len(cells)
+            self._merge_at = max(self.WRAPS_HELD, 2 * len(cells))  # many crowded cells: merge less often
+
+    def quantiles(self, scales: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+        """Exact quantiles (one float64 per q) of ``fl(|x| * scales[c])`` in float32 over every
+        value counted: what ``QuantileSketch`` gives fed those products."""
+        if self._device_counts is not None:
+            counts = self._device_counts.cpu().numpy()
+            self._device_counts = None
+            cells = np.flatnonzero(counts)
+            self._add(cells, counts[cells])
+        scales = np.asarray(scales, dtype=np.float32)
+        if scales.shape != (self.channels,):
+            raise ValueError(f"expected {self.channels} scales, got shape {scales.shape}")
+        if not np.all(scales >= 0):  # the C pass 2 relies on scores rising with the magnitude
+            raise ValueError("scales must be non-negative numbers")
+        magnitudes = np.ascontiguousarray(pattern_magnitudes(self.dtype).numpy())
+
+        def scores(cells: np.ndarray) -> np.ndarray:
+            with np.errstate(invalid="ignore"):  # inf * 0 is NaN, which the sketch then refuses
+                return magnitudes[cells & (PATTERNS - 1)] * scales[cells >> 15]
+
+        wrapped = [np.concatenate(parts) for parts in zip(*self._wrapped)] if self._wrapped else None
+        lib = native_library()
+        if lib is None:
+            cells = np.flatnonzero(self._low)
+            counts = self._low.reshape(-1)[cells].astype(np.int64)
+            if wrapped is not None:
+                cells, counts = np.concatenate([cells, wrapped[0]]), np.concatenate([counts, wrapped[1]])
+            return histogram_quantiles(scores(cells), counts, qs)
+        table = (self._low.ctypes.data, self.channels, magnitudes.ctypes.data, scales.ctypes.data)
+        sketch, total = QuantileSketch(qs), ctypes.c_int64()
+        if lib.count_scaled_high(*table, sketch._counts.ctypes.data, ctypes.byref(total)):
+            raise ValueError("a score is NaN (an infinite value in a channel scaled by 0)")
+        if wrapped is not None:
+            sketch.add_pass1(scores(wrapped[0]), wrapped[1])
+        pass2 = sketch._start_pass2()
+        needed_below = np.concatenate([[0], np.cumsum(pass2._slot_of_bucket > 0)]).astype(np.uint32)
+        pass2._split.carries += lib.count_scaled_low(
+            *table, pass2._slot_of_bucket.ctypes.data, needed_below.ctypes.data, pass2._split.low.ctypes.data,
+            pass2._split.carry.ctypes.data)
+        pass2._total += total.value  # the same table: what pass 1 counted (its needed buckets are checked)
+        if wrapped is not None:
+            sketch.add_pass2(scores(wrapped[0]), wrapped[1])
+        return sketch.result()
+
+
 def histogram_quantiles(values: np.ndarray, counts: np.ndarray, qs: Sequence[float]) -> np.ndarray:
     """What ``QuantileSketch(qs)`` returns for a stream holding ``values[i]`` ``counts[i]`` times,
     from that histogram alone, so one pass over the data (which made it) is enough.
 
-    ``values``: distinct float32 values (a 16-bit float's magnitudes, say); those counted at
-    least once must be non-negative and not NaN.
-    Their order statistics are exact, and the interpolation is the sketch's own, so the result
-    equals the sketch's bit for bit.
+    ``values``: float32 values, repeated or not (a 16-bit float's magnitudes, say, or the scaled
+    magnitudes of ``ChannelMagnitudeCounts``); those counted at least once must not be NaN.
+    Both of the sketch's passes run over the histogram, weighted: time in its length, not in
+    the values it counts.
     """
     values = np.asarray(values)
     counts = np.asarray(counts, dtype=np.int64)
     if values.dtype != np.float32 or values.shape != counts.shape or values.ndim != 1:
         raise ValueError("values must be 1-D float32, counts int64 of the same shape")
-    held = counts > 0  # values counted 0 times (NaN patterns, say) play no part
-    values, counts = values[held], counts[held]
-    if np.isnan(values).any() or np.signbit(values).any():
-        raise ValueError("histogram values must be non-negative and not NaN")
-    order = np.argsort(values)
-    ordered, ends = values[order], np.cumsum(counts[order])
-    if len(np.unique(ordered)) != len(ordered):
-        raise ValueError("histogram values must be distinct")
     sketch = QuantileSketch(qs)
-    if not len(ends):
-        raise ValueError("no values: quantiles of an empty input are undefined")
-    n = int(ends[-1])
-    v, lower, upper = sketch._indices(n)
-
-    def order_statistics(ranks: np.ndarray) -> np.ndarray:
-        return ordered[ends.searchsorted(ranks % n, side="right")]
-
-    return _lerp(order_statistics(lower), order_statistics(upper), v - lower)
+    sketch.add_pass1(values, counts)
+    sketch.add_pass2(values, counts)
+    return sketch.result()
 
 
 def exact_quantiles(chunks: Callable[[], Iterable[Chunk]], qs: Sequence[float]) -> np.ndarray:

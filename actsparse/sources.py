@@ -41,6 +41,7 @@ class BlockSource(Protocol):
 
     stats: StoreStats  # merged over the shards
     tokens: int
+    dtype: torch.dtype | None  # every shard's stored dtype (None: they differ)
 
     def shard_keys(self) -> list[tuple[str, list[Key]]]:
         """Per shard: its name and the keys it holds."""
@@ -77,6 +78,11 @@ class StoreSource:
     def tokens(self) -> int:
         return sum(store.tokens for store in self.stores)
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        dtypes = {store.dtype for store in self.stores}
+        return dtypes.pop() if len(dtypes) == 1 else None
+
     def shard_keys(self) -> list[tuple[str, list[Key]]]:
         return [(str(store.path), store.keys()) for store in self.stores]
 
@@ -111,7 +117,9 @@ class ForwardSource:
     ``pass2_bytes``: exact quantiles' pass-2 counts held at once (128 KiB per needed bucket,
     about one per level and key: 13 MiB a key for the 100-level grid). A store source holds
     512 MiB and sweeps the stores once per group of keys that fits; here a pass is a forward,
-    so up to 4 GiB is held, one group for up to ~320 CHESS layers of the grid.
+    so up to 4 GiB is held, one group for up to ~320 CHESS layers of the grid. The same budget
+    decides whether CHESS's per-channel magnitude counts (32 KiB a channel, all layers at
+    once) replace the sketch's two passes by one.
     """
 
     pass2_bytes = 1 << 32

@@ -232,6 +232,34 @@ def test_exact_fitting_reads_each_array_twice_for_all_levels(shards, monkeypatch
     assert reads == {(p.name, layer, "act"): 1 for p in paths for layer in LAYERS}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scaled_scores_take_one_read_of_per_channel_counts_or_the_sketchs_two_alike(tmp_path, monkeypatch, dtype) -> None:
+    """chess, chess+ and wina rank |x| * s per channel. Where every key's per-channel magnitude
+    counts fit the budget, each array is read once; below it, the sketch reads it twice: the
+    same thresholds bit for bit (both also equal numpy's, tested above)."""
+    paths, _ = random_shards(tmp_path, dtype=dtype)
+    norms = random_norms(WIDTHS, requirements("wina").masks)
+    reads = Counter()
+    iter_chunks = ActivationStore.iter_chunks
+
+    def counted(self, layer, component, rows=None):
+        reads[component] += 1
+        return iter_chunks(self, layer, component, rows)
+
+    monkeypatch.setattr(ActivationStore, "iter_chunks", counted)
+    default = methods._PASS2_BYTES
+    for method, scaled in (("chess", "act"), ("chess+", "act"), ("wina", "h")):
+        fits = []
+        for budget, expected_reads in ((default, 1), (1, 2)):  # 1 byte: no counts fit
+            monkeypatch.setattr(methods, "_PASS2_BYTES", budget)
+            reads.clear()
+            fits.append(fit(method, paths, GRID, column_norms=norms if method == "wina" else None))
+            assert reads[scaled] == expected_reads * len(paths) * len(LAYERS), (method, budget)
+        for level, thresholds in fits[0].items():
+            for key, t in thresholds.items():
+                assert torch.equal(t.view(torch.int64), fits[1][level][key].view(torch.int64)), (method, level, key)
+
+
 def test_quantile_mode_difference_compares_the_two_scores(shards) -> None:
     paths, stored = shards
     rows = quantile_mode_difference(paths, LEVELS, SEQ_LEN)

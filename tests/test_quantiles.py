@@ -256,11 +256,11 @@ def test_c_pass2_counts_equal_numpy_and_numpy_serves_without_a_compiler(monkeypa
     by_c = fed(QuantileSketch(grid))
     monkeypatch.setattr(quantiles, "native_library", lambda: None)
     by_numpy = fed(QuantileSketch(grid))
-    assert by_c._pass2._carries == by_numpy._pass2._carries == 2  # 140,000 = 2 * 65,536 + 8,928
+    assert by_c._pass2._split.carries == by_numpy._pass2._split.carries == 2  # 140,000 = 2 * 65,536 + 8,928
     assert by_c.pass2_bytes == len(by_c.needed_buckets) * 2 << 16
     assert np.array_equal(by_c._counts, by_numpy._counts)  # pass 1
-    assert np.array_equal(by_c._pass2._counts(), by_numpy._pass2._counts())
-    assert by_c._pass2._counts().max() == 140_000
+    assert np.array_equal(by_c._pass2._split.read(), by_numpy._pass2._split.read())
+    assert by_c._pass2._split.read().max() == 140_000
     np.testing.assert_array_equal(by_numpy.result(), percentile(values, grid))
     np.testing.assert_array_equal(by_c.result(), by_numpy.result())
 
@@ -281,5 +281,102 @@ def test_counts_past_16_bits_carry_through_the_device_gather_and_a_merge(monkeyp
     for worker, shard in zip(workers, shards):
         worker.add_pass2(torch.from_numpy(shard))
     workers[0].merge(workers[1])
-    assert workers[0]._pass2._counts().max() == 280_000
+    assert workers[0]._pass2._split.read().max() == 280_000
     np.testing.assert_array_equal(workers[0].result(), percentile(np.concatenate(shards), grid))
+
+
+def scaled_sample(dtype: torch.dtype, rows: int = 600, channels: int = 40) -> tuple[torch.Tensor, np.ndarray]:
+    """16-bit values over many scales with ties, zeros, subnormals and a constant channel, and
+    per-channel scales with a zero."""
+    rng = np.random.default_rng(5)
+    spread = rng.standard_normal((rows, channels)) * 10.0 ** rng.integers(-7, 3, (rows, channels))
+    values = torch.from_numpy(spread.astype(np.float32)).to(dtype)
+    values[::7, 3] = 0
+    values[:, 5] = -0.375
+    values[1, 6] = torch.finfo(dtype).smallest_normal / 4  # subnormal
+    scales = np.abs(rng.standard_normal(channels)).astype(np.float32)
+    scales[2] = 0
+    return values, scales
+
+
+def counted(values: torch.Tensor, chunks: int = 3) -> quantiles.ChannelMagnitudeCounts:
+    counts = quantiles.ChannelMagnitudeCounts(values.shape[1], values.dtype)
+    for chunk in values.tensor_split(chunks):
+        counts.add(chunk)
+    return counts
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_channel_magnitude_counts_give_numpy_percentiles_of_the_scaled_magnitudes(monkeypatch, dtype, compiled) -> None:
+    """One pass of counts, scales given afterwards: numpy.percentile of |x| * s in float32,
+    bit for bit, on every level of a 100-level grid, in C and in numpy."""
+    if not compiled:
+        monkeypatch.setattr(quantiles, "native_library", lambda: None)
+    values, scales = scaled_sample(dtype)
+    grid = np.arange(100) / 100
+    scored = (values.abs().float() * torch.from_numpy(scales)).numpy()
+    got = counted(values).quantiles(scales, grid)
+    assert np.array_equal(got.view(np.int64), percentile(scored, grid).view(np.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_channel_magnitude_counts_of_crowded_channels_give_numpy_percentiles(dtype) -> None:
+    """Normal values, 50,000 a channel: cells counted many times over, past a byte, runs of
+    cells sharing one score bucket (summed at once by the C pass 1) and most cells far from any
+    needed bucket (skipped unread by the C pass 2)."""
+    values = torch.from_numpy(np.random.default_rng(9).standard_normal((50_000, 12)).astype(np.float32)).to(dtype)
+    scales = np.float32(np.geomspace(1e-3, 40, 12))
+    grid = np.arange(100) / 100
+    scored = (values.abs().float() * torch.from_numpy(scales)).numpy()
+    got = counted(values).quantiles(scales, grid)
+    assert np.array_equal(got.view(np.int64), percentile(scored, grid).view(np.int64))
+
+
+@pytest.mark.parametrize("wraps_held", [1 << 20, 3])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_channel_magnitude_counts_carry_past_16_bits_through_the_device_gather(monkeypatch, compiled, wraps_held) -> None:
+    """A channel holding one value 140,000 times carries its count (C, numpy, and counts kept
+    on a device: PyTorch ops here on CPU tensors) and still gives numpy's quantiles, also where
+    the counts past a byte are merged after every few (``WRAPS_HELD``)."""
+    if not compiled:
+        monkeypatch.setattr(quantiles, "native_library", lambda: None)
+    monkeypatch.setattr(quantiles.ChannelMagnitudeCounts, "WRAPS_HELD", wraps_held)
+    values = torch.full((140_000, 2), 0.75, dtype=torch.float16)
+    values[::3, 1] = -2.5
+    scales = np.float32([3.0, 0.5])
+    qs = [0.0, 0.3, 0.5, 0.9, 1.0]
+    expected = percentile((values.abs().float() * torch.from_numpy(scales)).numpy(), qs)
+    assert np.array_equal(counted(values).quantiles(scales, qs), expected)
+    monkeypatch.setattr(quantiles, "_on_device", lambda chunk: isinstance(chunk, torch.Tensor))
+    assert np.array_equal(counted(values).quantiles(scales, qs), expected)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_channel_magnitude_counts_refuse_nan_values_and_nan_scores(monkeypatch, compiled) -> None:
+    if not compiled:
+        monkeypatch.setattr(quantiles, "native_library", lambda: None)
+    values, scales = scaled_sample(torch.bfloat16)
+    values[9, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        counted(values)
+    values[9, 4] = float("inf")  # inf * 0 in the channel scaled by 0 is NaN; elsewhere inf is a score
+    with pytest.raises(ValueError, match="NaN"):
+        counted(values).quantiles(np.where(np.arange(40) == 4, 0, scales).astype(np.float32), [0.5])
+    scored = (values.abs().float() * torch.from_numpy(scales)).numpy()
+    qs = [0.5, 0.999, 1.0]  # the top rank is inf, where numpy's interpolation gives what it gives
+    np.testing.assert_array_equal(counted(values).quantiles(scales, qs), percentile(scored, qs))
+
+
+def test_channel_magnitude_counts_refuse_other_shapes_and_dtypes() -> None:
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        quantiles.ChannelMagnitudeCounts(4, torch.float32)
+    counts = quantiles.ChannelMagnitudeCounts(4, torch.float16)
+    for chunk in (torch.zeros(3, 5, dtype=torch.float16), torch.zeros(3, 4, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match=r"\[rows, 4\]"):
+            counts.add(chunk)
+    with pytest.raises(ValueError, match="4 scales"):
+        counts.quantiles(np.ones(3, np.float32), [0.5])
+    for scale in (-1.0, np.nan):
+        with pytest.raises(ValueError, match="non-negative"):
+            counts.quantiles(np.float32([1, scale, 1, 1]), [0.5])
