@@ -585,8 +585,9 @@ class ChannelMagnitudeCounts:
     a count past 255 wraps, and the C loop lists each wrap's cell (a few per thousand values
     where a channel's magnitudes crowd), kept beside the table as (cells, 256 each) and merged
     into one count per cell once more than ``WRAPS_HELD`` are listed, so they stay bounded by
-    the crowded cells, not the values. Chunks on a GPU are counted there (``torch.bincount``)
-    and the counts fetched once.
+    the crowded cells, not the values. Chunks on a GPU are counted there (``torch.bincount``,
+    into 32-bit counts: four times the host table's bytes on the device) and the counts
+    fetched once.
     """
 
     WRAPS_HELD = 1 << 20
@@ -617,7 +618,8 @@ class ChannelMagnitudeCounts:
                 raise ValueError("chunk contains NaN: quantiles of NaN are undefined")
             keys = torch.arange(self.channels, device=chunk.device) << 15 | (patterns.long() & 0x7FFF)
             if self._device_counts is None:
-                self._device_counts = torch.zeros(self._low.size, dtype=torch.int64, device=chunk.device)
+                # int32: a cell counts at most a shard's tokens; 4 bytes a cell on the device
+                self._device_counts = torch.zeros(self._low.size, dtype=torch.int32, device=chunk.device)
             self._device_counts += torch.bincount(keys.reshape(-1), minlength=self._device_counts.numel())
             return
         words = patterns.numpy().view(np.uint16)
@@ -658,7 +660,7 @@ class ChannelMagnitudeCounts:
         """Exact quantiles (one float64 per q) of ``fl(|x| * scales[c])`` in float32 over every
         value counted: what ``QuantileSketch`` gives fed those products."""
         if self._device_counts is not None:
-            counts = self._device_counts.cpu().numpy()
+            counts = self._device_counts.cpu().numpy().astype(np.int64)
             self._device_counts = None
             cells = np.flatnonzero(counts)
             self._add(cells, counts[cells])
