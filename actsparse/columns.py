@@ -10,9 +10,10 @@ AVERAGE_TASK = "average"  # the task label of the 8-task mean row of each (model
 LAYER_SPARSITY = ("model", "method", "target_sparsity", "layer", "component", "achieved_sparsity")
 ACC_STDERR = "acc_stderr"  # lm-eval's standard error of acc: sqrt(var(ddof=1) / n) over the documents
 # bound: the weight-bytes bound at the active fraction; tokens_matched of tokens_checked: greedy
-# tokens equal to the masked dense model's; max_module_diff: the kernels against it (kernels.Agreement)
+# tokens equal to the masked dense model's; max_module_diff: the kernels against it (kernels.Agreement);
+# kernel_dense_tps, kernel_speedup: the sparse kernels keeping every channel, and the speedup over them
 SPEED = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup", "bound", "active_fraction",
-         "tokens_matched", "tokens_checked", "max_module_diff")
+         "tokens_matched", "tokens_checked", "max_module_diff", "kernel_dense_tps", "kernel_speedup")
 # the paper layouts (actsparse.publish); their value columns follow the data (sparsity levels, tasks)
 MODELS = ("model", "family", "activation", "parameters", "layers", "ffn_share")  # the seed paper's Table I
 PERPLEXITY_WIDE_KEYS = ("model", "method")  # then one ppl column per target sparsity, two decimals

@@ -3,7 +3,7 @@
 Part 1, a real model (SmolLM2-135M unless ``--model-dir``): thresholds fitted on the fly
 (``--methods``: CATS, a per-layer percentile of |act|; TEAL, of each projection input, over
 ``--calib-tokens`` WikiText-2 validation tokens), then greedy batch-1 decoding with a KV cache
-(``kernels.decode_speed``: dense and sparse steps alternating, median step time). Before timing,
+(``kernels.decode_speed``: dense, sparse and full-activity kernel steps in turn, median step time). Before timing,
 every sparsity is checked (``kernels.sparse_vs_masked``): each sparse module's output must equal
 the masked dense computation (``hooks.apply_thresholds``) of the same input, and how many greedy
 tokens both ways chose alike is printed. Beside each speedup: the weight-bytes bound
@@ -58,7 +58,8 @@ MODEL_DIR = REPO / "results/models/smollm2-135m"
 TEXT = REPO / "resources/data/wikitext-2-raw/wiki.valid.raw.gz"
 SPARSITIES = (0.0, 0.3, 0.5, 0.7)
 SWEEP_ACTIVE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-COLUMNS = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup", "bound", "active_fraction")
+COLUMNS = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup", "kernel_dense_tps", "kernel_speedup",
+           "bound", "active_fraction")
 THRESHOLDED = {"cats": ("act",), "teal": INPUT_COMPONENTS}  # what each timed method thresholds
 
 

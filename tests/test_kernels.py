@@ -380,15 +380,38 @@ def test_no_kernel_off_cpu_fails_early():
         make_kernel(GatedWeights(meta, None, meta, None, meta.t(), None))
 
 
-def test_decode_speed_reports_both_sides_and_restores_model():
+def test_decode_speed_reports_every_side_and_restores_model():
     model = _model("mistral")
     mlps = [layer.mlp for layer in decoder_layers(model)]
-    speed = decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=5, repeats=2)
-    assert set(speed) == {"dense_tps", "sparse_tps", "speedup", "bound", "active_fraction"}
+    speed = decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=7, repeats=2)
+    assert set(speed) == {"dense_tps", "sparse_tps", "speedup", "kernel_dense_tps", "kernel_speedup", "bound",
+                          "active_fraction"}
+    # the steps keeping every channel are counted apart: the active fraction is the sparse steps'
     assert 1 < speed["bound"] < 2 and 0.4 < speed["active_fraction"] < 0.6
-    assert speed["dense_tps"] > 0 and speed["sparse_tps"] > 0
+    assert speed["dense_tps"] > 0 and speed["sparse_tps"] > 0 and speed["kernel_dense_tps"] > 0
     assert speed["speedup"] == pytest.approx(speed["sparse_tps"] / speed["dense_tps"])
+    assert speed["kernel_speedup"] == pytest.approx(speed["sparse_tps"] / speed["kernel_dense_tps"])
     assert [layer.mlp for layer in decoder_layers(model)] == mlps
+
+
+@pytest.mark.parametrize("family, components", [("llama", ("act",)), ("qwen2", TEAL_INPUTS)])
+def test_keeping_every_channel_runs_the_kernels_over_all_of_them_to_the_dense_output(family, components):
+    """The baseline of ``kernel_speedup``: the sparse modules with thresholds of 0 take the kernel
+    path on every single-token step, over every channel, and give the dense model's logits; the
+    sparse setting and its counts come back untouched."""
+    model = _model(family)
+    dense = greedy_decode(model, PROMPT, 4)
+    with sparsify_for_decode(model, percentiles(family, components, 0.5)) as handle:
+        sparse = greedy_decode(model, PROMPT, 4)
+        sparse_paths, sparse_active = handle.paths(), handle.active_fraction()
+        handle.keep_every_channel(True)
+        full = greedy_decode(model, PROMPT, 4)
+        assert handle.paths()["sparse"] == handle.paths()["prefill"] * 3 and handle.paths()["fallback"] == 0
+        assert handle.active_fraction() == 1
+        handle.keep_every_channel(False)
+        assert handle.paths() == sparse_paths and handle.active_fraction() == sparse_active < 0.7
+    torch.testing.assert_close(full.logits, dense.logits, rtol=0, atol=1e-4)
+    assert not torch.allclose(sparse.logits, dense.logits, atol=1e-3)
 
 
 @pytest.mark.parametrize(
