@@ -683,21 +683,37 @@ class ChannelMagnitudeCounts:
             if wrapped is not None:
                 cells, counts = np.concatenate([cells, wrapped[0]]), np.concatenate([counts, wrapped[1]])
             return histogram_quantiles(scores(cells), counts, qs)
+        sketch = QuantileSketch(qs)
         table = (self._low.ctypes.data, self.channels, magnitudes.ctypes.data, scales.ctypes.data)
-        sketch, total = QuantileSketch(qs), ctypes.c_int64()
-        if lib.count_scaled_high(*table, sketch._counts.ctypes.data, ctypes.byref(total)):
-            raise ValueError("a score is NaN (an infinite value in a channel scaled by 0)")
+        total = _table_pass1(lib, table, sketch)
         if wrapped is not None:
             sketch.add_pass1(scores(wrapped[0]), wrapped[1])
-        pass2 = sketch._start_pass2()
-        needed_below = np.concatenate([[0], np.cumsum(pass2._slot_of_bucket > 0)]).astype(np.uint32)
-        pass2._split.carries += lib.count_scaled_low(
-            *table, pass2._slot_of_bucket.ctypes.data, needed_below.ctypes.data, pass2._split.low.ctypes.data,
-            pass2._split.carry.ctypes.data)
-        pass2._total += total.value  # the same table: what pass 1 counted (its needed buckets are checked)
+        _table_pass2(lib, table, sketch, total)
         if wrapped is not None:
             sketch.add_pass2(scores(wrapped[0]), wrapped[1])
         return sketch.result()
+
+
+_Table = tuple[int, int, int, int]  # a byte table's address, its channels, the magnitudes' and scales' addresses
+
+
+def _table_pass1(lib: ctypes.CDLL, table: _Table, sketch: QuantileSketch) -> int:
+    """The sketch's pass 1 over the scores a ``ChannelMagnitudeCounts`` table counts (C); returns
+    how many there are."""
+    total = ctypes.c_int64()
+    if lib.count_scaled_high(*table, sketch._counts.ctypes.data, ctypes.byref(total)):
+        raise ValueError("a score is NaN (an infinite value in a channel scaled by 0)")
+    return total.value
+
+
+def _table_pass2(lib: ctypes.CDLL, table: _Table, sketch: QuantileSketch, total: int) -> None:
+    """The sketch's pass 2 over the same scores (C), which skips the cells of buckets it does not need."""
+    pass2 = sketch._start_pass2()
+    needed_below = np.concatenate([[0], np.cumsum(pass2._slot_of_bucket > 0)]).astype(np.uint32)
+    pass2._split.carries += lib.count_scaled_low(
+        *table, pass2._slot_of_bucket.ctypes.data, needed_below.ctypes.data, pass2._split.low.ctypes.data,
+        pass2._split.carry.ctypes.data)
+    pass2._total += total  # the same table as pass 1's (the needed buckets' counts are still checked)
 
 
 def histogram_quantiles(values: np.ndarray, counts: np.ndarray, qs: Sequence[float]) -> np.ndarray:
