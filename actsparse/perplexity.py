@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 
@@ -68,15 +67,28 @@ def sequence_nll(
     batches = _batches(windows(len(tokens), window, stride), batch_size)
     for batch in tqdm(batches, desc="perplexity", disable=not progress):
         inputs = torch.stack([torch.cat([bos, tokens[w.begin : w.end]]) for w in batch])
-        logits = model(input_ids=inputs).logits.float()
+        logits = model(input_ids=inputs).logits
         for row, w in enumerate(batch):
             # logits at input position p predict input position p + 1; text token i sits at i - begin + 1
             first = w.first_scored - w.begin
             last = w.end - w.begin
-            nll = F.cross_entropy(logits[row, first:last], inputs[row, first + 1 : last + 1], reduction="sum")
-            total += nll.double().item()
+            total += _summed_nll(logits[row, first:last], inputs[row, first + 1 : last + 1])
             scored += last - first
     return total, scored
+
+
+def _summed_nll(logits: torch.Tensor, targets: torch.Tensor, positions: int = 128) -> float:
+    """Summed NLL of ``targets`` under ``logits`` [positions, vocab], the log-softmax in float64,
+    ``positions`` rows at a time (160 MB for a 152k vocabulary). Why not float32: its log-sum-exp
+    over a large vocabulary drifts, and how far depends on the CPU: Qwen2.5-0.5B's summed NLL over
+    254 tokens (152k vocabulary) was 1.3e-5 (relative) below a float64 loop's on an AMD EPYC VM,
+    within 1e-5 on an Intel Xeon VM."""
+    total = 0.0
+    for start in range(0, len(targets), positions):
+        rows = logits[start : start + positions].double()
+        picked = rows.gather(1, targets[start : start + positions, None])[:, 0]
+        total += (rows.logsumexp(-1) - picked).sum().item()
+    return total
 
 
 def perplexities(nll: float, tokens: int, words: int) -> dict:
