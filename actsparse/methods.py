@@ -57,8 +57,9 @@ grid, with no array read twice; 4 GiB for forwards). A magnitude stream whose ex
 distribution the source already counted (16-bit values, storeless) needs no pass at all
 (``quantiles.histogram_quantiles``), and an importance stream of 16-bit values needs one
 (per-channel magnitude counts, ``quantiles.ChannelMagnitudeCounts``, 32 KiB a channel) where
-the counts of all such keys fit the budget at once. Memory does not grow with the calibration tokens: 512 KiB
-per key for pass 1, one group's pass-2 counts, and one read block (one batch, for forwards).
+the counts of all such keys fit the budget at once. Memory does not grow with the calibration
+tokens: 512 KiB per key for pass 1, one group's pass-2 counts (or the per-channel counts), and
+one read block (one batch, for forwards).
 
 Threshold files: safetensors, one float64 tensor ``layers.{i}.{component}`` per key (0-d or a
 per-channel vector; float64 is numpy.percentile's result, kept unrounded) and, in the header,

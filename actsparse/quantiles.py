@@ -25,8 +25,8 @@ distinct order statistics here (-0.0 first) while numpy leaves their order to it
 a zero result may differ from numpy's in sign only.
 
 Where the values are per-channel multiples of 16-bit magnitudes (CHESS's importance ``|a| * m_c``),
-``ChannelMagnitudeCounts`` counts each channel's magnitudes in one pass instead, and both
-passes then run over those counts (``histogram_quantiles``: the sketch fed a histogram).
+``ChannelMagnitudeCounts`` counts each channel's magnitudes in one pass over the data instead,
+and the sketch's two passes then run over those counts (in C, or ``histogram_quantiles``).
 
 Memory: 512 KiB for the pass-1 counts plus 128 KiB per distinct bucket holding a needed rank
 (at most two per q, usually one: 16-bit counts, with a 32-bit carry row of which only the pages
@@ -555,7 +555,8 @@ class _Pass2:
         for span in np.unique(spans):
             at = spans == span
             within = offsets[at] - (span_ends[span] - span_sums[span])
-            low[at] = span << 8 | np.cumsum(ordered[span << 8 : (span + 1) << 8], dtype=np.int64).searchsorted(within, side="right")
+            cumulative = np.cumsum(ordered[span << 8 : (span + 1) << 8], dtype=np.int64)
+            low[at] = span << 8 | cumulative.searchsorted(within, side="right")
         return bucket << 16 | (_BUCKETS - 1 - low if negative else low)
 
     def _check_complete(self) -> None:
