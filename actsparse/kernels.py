@@ -918,7 +918,10 @@ def decode_speed(
     at full activity (``SparseDecode.keep_every_channel``): what skipping weights gains alone.
     They differ where the kernels stream weights at another rate than the machine's BLAS: on an
     AMD EPYC VM MKL's matvec read 23.6 GB/s and the kernels 30.6, so ``speedup`` exceeded
-    ``bound`` there (bench/RESULTS.md); the fair dense baseline is the faster of the two.
+    ``bound`` there (bench/RESULTS.md). The fair dense baseline is the faster of the two; where
+    the BLAS is slow, ``kernel_speedup`` still understates what skipping gains, as the gate, the
+    unsparsified projections and the lm_head run on the BLAS in both kernel sides
+    (``bench/bench_engine.py`` times every product on native code).
     """
     if new_tokens < 4:
         raise ValueError("decode_speed needs new_tokens >= 4: the first token comes from prefill, then one step a side")
