@@ -26,6 +26,11 @@ Each has a ``step`` (one token's selection and sparse product; the native one a 
 so a GPU (Triton) kernel plugs in as one more entry; none exists yet, and sparsifying a model on
 another device fails early (NotImplementedError) instead of silently running dense.
 
+The products a step keeps dense (a CATS/CHESS gate, projections no threshold feeds, the lm_head)
+run on the same engine: with the native kernels a C matvec (``dense_product``, ``DenseLinear``),
+which on an AMD EPYC VM streamed weights twice as fast as MKL's; the dense baseline of
+``decode_speed``'s ``native_speedup`` is that matvec for every projection.
+
 Measured (bench/RESULTS.md, 2-core x86-64, float32, 50% sparsity, native): FFN time 0.66x of
 dense on a Llama-7B-shaped layer; whole SmolLM2-135M decoding steps 1.15-1.17x faster with CATS
 or CHESS (its FFNs are ~40% of a step's time), 1.23x with CHESS+, 1.46x with TEAL.
@@ -97,6 +102,7 @@ class Kernel(Protocol):
 
     break_even: float  # active fraction above which the dense computation is faster
     extra_bytes: int  # memory of the layouts it keeps beyond the model's weights
+    dense: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # F.linear on its engine (the gate)
 
     def step(self, x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
         """x [hidden], a = act(gate(x)) [channels] -> (``down(masked(a) * up(x))`` [hidden], or
@@ -140,6 +146,7 @@ class TorchKernel:
     # bench_decode.py --sweep --kernel torch, 2 threads: FFN time sparse/dense 0.96 and 0.90 at 40%
     # active (SmolLM2, 7B-shaped layer), 1.08 and 0.96 at 50%
     break_even = 0.4
+    dense = staticmethod(F.linear)
 
     def __init__(self, weights: GatedWeights, chunk_bytes: int = CHUNK_BYTES) -> None:
         channels, hidden = weights.up.shape
@@ -219,6 +226,32 @@ static void share(int64_t n, int64_t unit, int64_t *lo, int64_t *hi) {
     int64_t a = units * t / count * unit, b = units * (t + 1) / count * unit;
     *lo = a < n ? a : n;
     *hi = b < n ? b : n;
+}
+
+/* y = w x + bias (w: out rows of `in` floats, row-major, as nn.Linear keeps it): every row's dot
+   product, ROWS rows side by side; each thread a contiguous share of the rows cut at multiples
+   of ROWS, each row's sum the same instructions on any thread count. */
+void dense_matvec(const float *restrict w, const float *restrict bias, const float *restrict x, int64_t out,
+                  int64_t in, float *restrict y, int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t lo, hi;
+        share(out, ROWS, &lo, &hi);
+        for (int64_t i = lo; i < hi; i += ROWS) {
+            int rows = hi - i < ROWS ? (int)(hi - i) : ROWS;
+            vec acc[ROWS] = {{0}};
+            int64_t j = 0;
+            for (; j + 8 <= in; j += 8) {
+                vec xj = *(const vec *)(x + j);
+                for (int q = 0; q < rows; q++) acc[q] += *(const vec *)(w + (i + q) * in + j) * xj;
+            }
+            for (int q = 0; q < rows; q++) {
+                float sum = hsum(acc[q]);
+                for (int64_t r = j; r < in; r++) sum += w[(i + q) * in + r] * x[r];
+                y[i + q] = sum + (bias ? bias[i + q] : 0);
+            }
+        }
+    }
 }
 
 /* The channels c whose a[c] is nonzero and not below t[c * t_step] (NaN stays, as in the mask):
@@ -387,11 +420,29 @@ def native_library() -> ctypes.CDLL | None:
     lib.sparse_ffn.argtypes = [pointer, pointer, size, size, size, *[pointer] * 4, size, pointer, pointer, size, pointer, pointer, count]
     lib.sparse_linear.argtypes = [pointer, pointer, size, size, size, pointer, pointer, size, pointer, pointer, size, pointer, pointer, count]
     lib.sparse_ffn.restype = lib.sparse_linear.restype = size
+    lib.dense_matvec.argtypes = [pointer, pointer, pointer, size, size, pointer, count]
     return lib
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def dense_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, one float32 token on the CPU through the C ``dense_matvec``.
+    Why: a BLAS matvec can stream weights at half the kernels' rate (MKL on an AMD EPYC VM: 17-24
+    GB/s against 37-48, bench/RESULTS.md), and the dense products of a sparse step (a CATS gate,
+    the projections no threshold feeds, the lm_head) and the dense baseline it is compared with
+    must run on the same code as the kernels, or the speedup measures the BLAS, not sparsity."""
+    lib = native_library()
+    fits = x.shape[:-1].numel() == 1 and x.shape[-1] == weight.shape[-1] and weight.is_contiguous() and (
+        bias is None or (bias.is_contiguous() and bias.dtype == torch.float32))
+    if lib is None or not fits or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    x, y = x.contiguous(), torch.empty(weight.shape[0])
+    lib.dense_matvec(weight.data_ptr(), _pointer(bias), x.data_ptr(), weight.shape[0], weight.shape[1], y.data_ptr(),
+                     torch.get_num_threads())
+    return y.view(*x.shape[:-1], -1)
 
 
 class NativeKernel:
@@ -400,6 +451,7 @@ class NativeKernel:
     # bench_decode.py --sweep, 2 threads: FFN time sparse/dense 0.97 and 0.84 at 80% active
     # (SmolLM2, 7B-shaped layer), 0.98 and 0.91 at 90%, 1.01 and 0.94 at 100%
     break_even = 0.8
+    dense = staticmethod(dense_product)
 
     def __init__(self, weights: GatedWeights) -> None:
         self.lib = native_library()
@@ -557,7 +609,7 @@ class SparseGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights
-        a = self.act(F.linear(x, w.gate, w.gate_bias))
+        a = self.act(self.kernel.dense(x, w.gate, w.gate_bias))
         tally = self.tally
         if x.shape[:-1].numel() == 1:
             y, active = self.kernel.step(x.view(-1), a.view(-1), self.threshold, self.max_active)
@@ -571,9 +623,11 @@ class SparseGatedMLP(nn.Module):
         return self.masked_dense(x, a)
 
     def masked_dense(self, x: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
-        """The dense masked MLP, as ``hooks.apply_thresholds`` computes it (``a = act(gate(x))``)."""
+        """The dense masked MLP, as ``hooks.apply_thresholds`` computes it (``a = act(gate(x))``),
+        the gate on the kernel's dense product as in ``forward``: the same ``a`` to threshold, so a
+        value within rounding of its threshold cannot be kept here and zeroed there."""
         w = self.weights
-        a = self.act(F.linear(x, w.gate, w.gate_bias)) if a is None else a
+        a = self.act(self.kernel.dense(x, w.gate, w.gate_bias)) if a is None else a
         return F.linear(_masked(a, self.threshold) * F.linear(x, w.up, w.up_bias), w.down, w.down_bias)
 
     @property
@@ -662,13 +716,33 @@ class SparseInputLinear(nn.Module):
 SparseModule = SparseGatedMLP | SparseInputLinear
 
 
+class DenseLinear(nn.Module):
+    """Stands in for an ``nn.Linear`` of a model sparsified for decoding with the native kernels:
+    the same weight and bias (``state_dict`` keys do not change), its products through
+    ``dense_product``, so the projections no threshold feeds and the lm_head run on the same code
+    as the kernels, in the sparse steps and in ``decode_speed``'s dense step of that engine."""
+
+    def __init__(self, original: nn.Linear) -> None:
+        super().__init__()
+        self.original = [original]  # a list, so it is not registered a second time
+        self.weight, self.bias = original.weight, original.bias
+        self.in_features, self.out_features = original.in_features, original.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_product(x, self.weight, self.bias)
+
+
+Slot = tuple[nn.Module, str, nn.Module]  # (parent, child name, the module put there)
+
+
 class SparseDecode:
     """The modules one ``sparsify_for_decode`` call replaced; ``remove()`` (or leaving the ``with``
-    block) puts the original module objects back, ``attach()`` the sparse ones again without
-    rebuilding their layouts. Counts stay readable after removal."""
+    block) puts the original module objects back, ``attach()`` the sparse ones (and the dense
+    stand-ins of every other linear) again without rebuilding their layouts, ``attach_dense()``
+    the dense stand-ins alone. Counts stay readable after removal."""
 
-    def __init__(self, replaced: list[tuple[nn.Module, str, SparseModule]]) -> None:
-        self._replaced = replaced
+    def __init__(self, replaced: list[Slot], dense_stand_ins: list[Slot]) -> None:
+        self._replaced, self._dense = replaced, dense_stand_ins
         self.modules = [sparse for _, _, sparse in replaced]
         # per module: (threshold, max_active, tally) of the sparse steps, and of steps keeping every channel
         self._settings = {
@@ -685,8 +759,16 @@ class SparseDecode:
             module.threshold, module.max_active, module.tally = threshold, max_active, tally
 
     def attach(self) -> None:
-        for parent, name, sparse in self._replaced:
-            setattr(parent, name, sparse)
+        for parent, name, module in [*self._dense, *self._replaced]:  # a sparse module wins its slot
+            setattr(parent, name, module)
+
+    def attach_dense(self) -> None:
+        """Nothing skipped, every linear of the model on the kernels' dense product (``DenseLinear``;
+        with the PyTorch kernel, PyTorch's own): the dense step of the engine the sparse steps run
+        on (``decode_speed``'s ``native_dense_tps``)."""
+        self.remove()
+        for parent, name, stand_in in self._dense:
+            setattr(parent, name, stand_in)
 
     def paths(self) -> Counter[str]:
         """How many sparsified module calls took each path: ``prefill``, ``sparse``, ``fallback``."""
@@ -707,8 +789,8 @@ class SparseDecode:
         return sum(kernel.extra_bytes for kernel in {id(m.kernel): m.kernel for m in self.modules}.values())
 
     def remove(self) -> None:
-        for parent, name, sparse in self._replaced:
-            setattr(parent, name, sparse.original[0])
+        for parent, name, module in [*self._replaced, *self._dense]:
+            setattr(parent, name, module.original[0])
 
     def __enter__(self) -> SparseDecode:
         return self
@@ -732,7 +814,9 @@ def sparsify_for_decode(
       it feeds (as ``hooks.apply_thresholds`` masks them, ``kv_dense`` keeping k and v dense) by a
       ``SparseInputLinear``.
 
-    Modules without a threshold stay untouched. ``break_even``: the active fraction above which a
+    With the native kernels every other ``nn.Linear`` (the lm_head included) runs through
+    ``dense_product`` (``DenseLinear``), so a step's dense products run on the same code as its
+    sparse ones; other modules stay untouched. ``break_even``: the active fraction above which a
     step runs dense (default: the kernel's own); ``kernel``: ``auto`` or a name in ``KERNELS``.
 
     The outputs equal those of ``hooks.apply_thresholds(model, thresholds, kv_dense=kv_dense)`` up
@@ -763,9 +847,22 @@ def sparsify_for_decode(
         else:
             paths = [site.path for site in hook_sites(anatomy, component, kv_dense)]
             replaced += _sparse_linears(layer, paths, value, (index, component), break_even, kernel)
-    handle = SparseDecode(replaced)
+    handle = SparseDecode(replaced, _dense_stand_ins(model, kernel))
     handle.attach()
     return handle
+
+
+def _dense_stand_ins(model: nn.Module, kernel: str) -> list[Slot]:
+    """Every ``nn.Linear`` of the model and its ``DenseLinear``, where the kernels are the native
+    ones; none with the PyTorch kernel, whose dense products are PyTorch's already."""
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears or _kernel_name(linears[0][1].weight, kernel) != "native":
+        return []
+    slots = []
+    for name, linear in linears:
+        parent_path, _, child = name.rpartition(".")
+        slots.append((model.get_submodule(parent_path), child, DenseLinear(linear)))
+    return slots
 
 
 def _sparse_mlp(layer: nn.Module, anatomy: Anatomy, value, index: int, break_even, kernel: str):
@@ -890,7 +987,7 @@ def weight_bytes_bound(model: nn.Module, handle: SparseDecode) -> float:
     exactly the share of its skippable weights (``skippable_params``) that its inputs left active
     in the steps it ran (the handle's counts): what skipping weights can gain where reading them is
     all a step costs. Dense: every projection's weight, the output embedding included."""
-    dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, SparseInputLinear)))
+    dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, SparseInputLinear, DenseLinear)))
     skipped = sum((1 - fraction) * m.skippable_params for m, fraction in zip(handle.modules, handle.active_fractions()))
     return dense / (dense - skipped)
 
@@ -905,26 +1002,27 @@ def decode_speed(
     kernel: str = "auto",
     kv_dense: bool = False,
 ) -> dict[str, float]:
-    """Decoding tokens/s of the dense model, of the model sparsified for decoding, and of its
-    kernels keeping every channel.
+    """Decoding tokens/s of the dense model as PyTorch runs it, of the dense model on the kernels'
+    engine, of the model sparsified for decoding, and of its kernels keeping every channel.
 
-    ``repeats`` greedy runs of ``new_tokens``, whose single-token steps rotate between the three
+    ``repeats`` greedy runs of ``new_tokens``, whose single-token steps rotate between the four
     (swapping modules is free); tokens/s is one over a side's median step time. All sides thus
     see the same KV-cache lengths and, step by step, the same load from other processes, which a
     run-by-run comparison on a shared machine does not. Prefill is not timed. Beside the speeds:
     the active fraction the sparse steps saw and the weight-bytes ``bound`` at it.
 
-    ``speedup`` is over the dense model as PyTorch runs it; ``kernel_speedup`` over the kernels
-    at full activity (``SparseDecode.keep_every_channel``): what skipping weights gains alone.
-    They differ where the kernels stream weights at another rate than the machine's BLAS: on an
-    AMD EPYC VM MKL's matvec read 23.6 GB/s and the kernels 30.6, so ``speedup`` exceeded
-    ``bound`` there (bench/RESULTS.md). The fair dense baseline is the faster of the two; where
-    the BLAS is slow, ``kernel_speedup`` still understates what skipping gains, as the gate, the
-    unsparsified projections and the lm_head run on the BLAS in both kernel sides
-    (``bench/bench_engine.py`` times every product on native code).
+    ``speedup`` is over the dense model as PyTorch runs it; ``native_speedup`` over the dense
+    model on the engine the sparse steps run on (``SparseDecode.attach_dense``: every linear on
+    ``dense_product``); ``kernel_speedup`` over the kernels at full activity
+    (``SparseDecode.keep_every_channel``), where they read the weights as the sparse steps do.
+    They differ where the machine's BLAS streams weights at another rate than the C loops: on an
+    AMD EPYC VM MKL's matvec read 17-24 GB/s and ``dense_product`` 37-48, so ``speedup`` exceeded
+    ``bound`` there (bench/RESULTS.md). The fastest dense step is the fair baseline: quote the
+    smallest of the three.
     """
-    if new_tokens < 4:
-        raise ValueError("decode_speed needs new_tokens >= 4: the first token comes from prefill, then one step a side")
+    if new_tokens < len(_SIDES) + 1:
+        raise ValueError(f"decode_speed needs new_tokens >= {len(_SIDES) + 1}: the first token comes from prefill, "
+                         f"then one step a side")
     handle = sparsify_for_decode(model, thresholds, break_even, kernel, kv_dense)
     steps: dict[str, list[float]] = {side: [] for side in _SIDES}
     try:
@@ -935,18 +1033,21 @@ def decode_speed(
     finally:
         handle.remove()
         handle.keep_every_channel(False)
-    dense, kernel_dense, sparse = (1 / statistics.median(steps[side]) for side in _SIDES)
+    dense, native_dense, kernel_dense, sparse = (1 / statistics.median(steps[side]) for side in _SIDES)
     return {"dense_tps": dense, "sparse_tps": sparse, "speedup": sparse / dense, "kernel_dense_tps": kernel_dense,
-            "kernel_speedup": sparse / kernel_dense, "bound": weight_bytes_bound(model, handle),
+            "kernel_speedup": sparse / kernel_dense, "native_dense_tps": native_dense,
+            "native_speedup": sparse / native_dense, "bound": weight_bytes_bound(model, handle),
             "active_fraction": handle.active_fraction()}
 
 
-_SIDES = ("dense", "kernel_dense", "sparse")  # decode_speed's sides, in the order its steps rotate
+_SIDES = ("dense", "native_dense", "kernel_dense", "sparse")  # decode_speed's sides, in the order its steps rotate
 
 
 def _use(handle: SparseDecode, side: str) -> None:
     if side == "dense":
         handle.remove()
+    elif side == "native_dense":
+        handle.attach_dense()
     else:
         handle.attach()
         handle.keep_every_channel(side == "kernel_dense")

@@ -58,8 +58,8 @@ MODEL_DIR = REPO / "results/models/smollm2-135m"
 TEXT = REPO / "resources/data/wikitext-2-raw/wiki.valid.raw.gz"
 SPARSITIES = (0.0, 0.3, 0.5, 0.7)
 SWEEP_ACTIVE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-COLUMNS = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup", "kernel_dense_tps", "kernel_speedup",
-           "bound", "active_fraction")
+COLUMNS = ("model", "method", "sparsity", "device", "dense_tps", "native_dense_tps", "kernel_dense_tps", "sparse_tps",
+           "speedup", "native_speedup", "kernel_speedup", "bound", "active_fraction")
 THRESHOLDED = {"cats": ("act",), "teal": INPUT_COMPONENTS}  # what each timed method thresholds
 
 
@@ -197,11 +197,7 @@ def sweep(name: str, mlps: list, inputs: list[torch.Tensor], args) -> None:
 def print_table(rows: list[dict]) -> None:
     print("\n" + " | ".join(COLUMNS))
     for r in rows:
-        print(
-            f"{r['model']} | {r['method']} | {r['sparsity']:.1f} | {r['device']} | "
-            f"{r['dense_tps']:.2f} | {r['sparse_tps']:.2f} | {r['speedup']:.3f} | {r['bound']:.3f} | "
-            f"{r['active_fraction']:.3f}"
-        )
+        print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS))
 
 
 def _load() -> str:

@@ -28,7 +28,7 @@ from torch import nn
 
 from actsparse import corpora, methods, models
 from actsparse.anatomy import anatomy_of, decoder_layers
-from actsparse.kernels import SparseGatedMLP, SparseInputLinear, greedy_decode, sparsify_for_decode
+from actsparse.kernels import DenseLinear, SparseGatedMLP, SparseInputLinear, greedy_decode, sparsify_for_decode
 
 
 class Timers:
@@ -95,7 +95,8 @@ def main() -> None:
         hooks += timers.time(layer.get_submodule(attn_path), "attention")
         for name in (anatomy.gate, anatomy.up, anatomy.down):
             hooks += timers.time(layer.get_submodule(name), f"ffn: {name.rpartition('.')[2]} (dense matvec)")
-    hooks += timers.time(model.get_output_embeddings(), "lm_head")
+    lm_head_linear = model.get_output_embeddings()
+    hooks += timers.time(lm_head_linear, "lm_head")
     dense_bytes = {
         "ffn": _weight_bytes(layer.get_submodule(n) for layer in layers for n in (anatomy.gate, anatomy.up, anatomy.down)),
         "attention": _weight_bytes(layer.get_submodule(n) for layer in layers for n in anatomy.attention_projections),
@@ -116,6 +117,10 @@ def main() -> None:
         elif isinstance(module, SparseInputLinear):  # the first member called computes the group's outputs
             sparse_parts[module] = f"sparse {'+'.join(members[id(module.shared)])} (kernel)"
             hooks += timers.time(module, sparse_parts[module])
+    for name, module in model.named_modules():  # the products a sparse step keeps dense, on the kernels' engine
+        if isinstance(module, DenseLinear):
+            lm_head = module.original[0] is lm_head_linear
+            hooks += timers.time(module, "lm_head" if lm_head else f"dense {name.rpartition('.')[2]} (C matvec)")
     handle.remove()
     order: list[bool] = []  # per single-token step: was it sparse
 

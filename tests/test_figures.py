@@ -101,7 +101,8 @@ def test_layer_sparsity_is_read_from_ppl_results_and_plotted_per_layer(tmp_path)
 
 def test_speedup_is_plotted_against_sparsity_with_dense_speed_as_reference():
     frame = pd.DataFrame([("m", method, s, "cpu", 10.0, 10.0 * (1 + s), 1 + s, 1 + 2 * s, 1 - s, 16, 16, 1e-6,
-                           12.0, 10.0 * (1 + s) / 12.0 if method == "teal" else float("nan"))
+                           12.0, 10.0 * (1 + s) / 12.0 if method == "teal" else float("nan"),
+                           14.0, 10.0 * (1 + s) / 14.0 if method == "teal" else float("nan"))
                           for method in ("cats", "teal") for s in (0.7, 0.5)], columns=list(columns.SPEED))
     figure = figures.speedup(frame)
     assert_labelled(figure)
@@ -111,7 +112,10 @@ def test_speedup_is_plotted_against_sparsity_with_dense_speed_as_reference():
     assert lines["teal bound"].get_ydata() == pytest.approx([2.0, 2.4])
     assert lines["teal bound"].get_color() == lines["teal"].get_color() != lines["cats"].get_color()
     assert lines["teal over full-activity kernels"].get_ydata() == pytest.approx([1.25, 17 / 12])
-    assert "cats over full-activity kernels" not in lines  # an older result without the measurement
+    assert lines["teal over dense on the kernels' engine"].get_ydata() == pytest.approx([15 / 14, 17 / 14])
+    assert lines["teal over dense on the kernels' engine"].get_linestyle() == "-."
+    assert "cats over full-activity kernels" not in lines  # an older result without the measurements
+    assert "cats over dense on the kernels' engine" not in lines
 
 
 def test_table_ii_is_plotted_as_the_mean_match_rate_over_samples_per_layer_and_strategy():

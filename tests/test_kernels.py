@@ -15,6 +15,7 @@ from actsparse.hooks import apply_thresholds, capture
 from actsparse.kernels import (
     KERNELS,
     Decoded,
+    DenseLinear,
     GatedWeights,
     NativeKernel,
     NativeLinearKernel,
@@ -383,15 +384,82 @@ def test_no_kernel_off_cpu_fails_early():
 def test_decode_speed_reports_every_side_and_restores_model():
     model = _model("mistral")
     mlps = [layer.mlp for layer in decoder_layers(model)]
-    speed = decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=7, repeats=2)
-    assert set(speed) == {"dense_tps", "sparse_tps", "speedup", "kernel_dense_tps", "kernel_speedup", "bound",
-                          "active_fraction"}
+    linears = dict(_linears(model))
+    speed = decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=9, repeats=2)
+    assert set(speed) == {"dense_tps", "sparse_tps", "speedup", "kernel_dense_tps", "kernel_speedup", "native_dense_tps",
+                          "native_speedup", "bound", "active_fraction"}
     # the steps keeping every channel are counted apart: the active fraction is the sparse steps'
     assert 1 < speed["bound"] < 2 and 0.4 < speed["active_fraction"] < 0.6
     assert speed["dense_tps"] > 0 and speed["sparse_tps"] > 0 and speed["kernel_dense_tps"] > 0
     assert speed["speedup"] == pytest.approx(speed["sparse_tps"] / speed["dense_tps"])
     assert speed["kernel_speedup"] == pytest.approx(speed["sparse_tps"] / speed["kernel_dense_tps"])
-    assert [layer.mlp for layer in decoder_layers(model)] == mlps
+    assert speed["native_speedup"] == pytest.approx(speed["sparse_tps"] / speed["native_dense_tps"])
+    assert [layer.mlp for layer in decoder_layers(model)] == mlps and dict(_linears(model)) == linears
+    with pytest.raises(ValueError, match="new_tokens >= 5"):
+        decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=4)
+
+
+def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every module standing where an ``nn.Linear`` may stand, in model order."""
+    kinds = (torch.nn.Linear, DenseLinear, SparseInputLinear)
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
+def test_dense_product_equals_float64_and_gives_the_same_bits_on_any_thread_count():
+    """The C matvec against numpy in float64, on shapes leaving tails of the 8-row groups and of
+    the 8-float vectors, with and without a bias; 1, 2 and 3 threads agree bit for bit. What it
+    does not take (several tokens, another dtype, a non-contiguous weight) is ``F.linear``'s."""
+    rng = np.random.default_rng(12)
+    before = torch.get_num_threads()
+    for out, inputs in [(203, 75), (8, 64), (5, 3)]:
+        w, x, b = rng.standard_normal((out, inputs)), rng.standard_normal(inputs), rng.standard_normal(out)
+        weight, x32, bias = (torch.tensor(v, dtype=torch.float32) for v in (w, x, b))
+        for with_bias in (bias, None):
+            expected = w @ x + (b if with_bias is not None else 0)
+            outputs = []
+            try:
+                for threads in (1, 2, 3):
+                    torch.set_num_threads(threads)
+                    outputs.append(kernels.dense_product(x32.view(1, 1, -1), weight, with_bias))
+            finally:
+                torch.set_num_threads(before)
+            assert outputs[0].shape == (1, 1, out)
+            assert all(torch.equal(y, outputs[0]) for y in outputs[1:])
+            np.testing.assert_allclose(outputs[0].view(-1).numpy(), expected, rtol=0, atol=1e-5 * np.abs(w).sum(1).max())
+    two_tokens = torch.randn(2, inputs)
+    assert torch.equal(kernels.dense_product(two_tokens, weight, bias), torch.nn.functional.linear(two_tokens, weight, bias))
+    as64 = x32.double(), weight.double(), bias.double()
+    assert torch.equal(kernels.dense_product(*as64), torch.nn.functional.linear(*as64))
+    strided = torch.randn(inputs, out).t()
+    assert torch.equal(kernels.dense_product(x32, strided, bias), torch.nn.functional.linear(x32, strided, bias))
+
+
+@pytest.mark.parametrize("components", [("act",), TEAL_INPUTS])
+def test_every_other_linear_runs_on_the_dense_product_while_sparsified(components):
+    """With the native kernels, every projection no threshold feeds and the lm_head stand in as
+    ``DenseLinear`` (state_dict unchanged) while attached; ``attach_dense`` puts them alone in
+    every slot (nothing skipped: the dense model's logits); ``remove`` restores the original
+    objects. With the PyTorch kernel nothing else is swapped."""
+    model = _model("qwen2")
+    originals, keys = dict(_linears(model)), list(model.state_dict())
+    dense = greedy_decode(model, PROMPT, 4)
+    with sparsify_for_decode(model, percentiles("qwen2", components, 0.5)) as handle:
+        attached = dict(_linears(model))
+        assert isinstance(model.get_output_embeddings(), DenseLinear) and list(model.state_dict()) == keys
+        kinds = {name: type(m) for name, m in attached.items()}
+        assert (SparseInputLinear in kinds.values()) == (components == TEAL_INPUTS)
+        # an nn.Linear left only inside a sparse MLP, which reads its weights itself
+        assert all(isinstance(model.get_submodule(name.rpartition(".")[0]), SparseGatedMLP)
+                   for name, kind in kinds.items() if kind is torch.nn.Linear)
+        assert (torch.nn.Linear in kinds.values()) == (components == ("act",))
+        handle.attach_dense()
+        assert all(isinstance(m, DenseLinear) for m in dict(_linears(model)).values())
+        assert not any(isinstance(m, SparseGatedMLP) for m in model.modules())
+        native_dense = greedy_decode(model, PROMPT, 4)
+    assert dict(_linears(model)) == originals
+    torch.testing.assert_close(native_dense.logits, dense.logits, rtol=0, atol=1e-5)
+    with sparsify_for_decode(model, cats("qwen2", 0.5), kernel="torch"):
+        assert not any(isinstance(m, DenseLinear) for m in model.modules())
 
 
 @pytest.mark.parametrize("family, components", [("llama", ("act",)), ("qwen2", TEAL_INPUTS)])
