@@ -533,6 +533,33 @@ def test_sparse_vs_masked_is_small_and_refuses_a_kernel_computing_something_else
             sparse_vs_masked(model, cats("llama", 0.5), PROMPT, 12, kernel="torch")
 
 
+@torch.inference_mode()
+def test_the_masked_reference_thresholds_the_gate_the_sparse_step_computed():
+    """The per-module check is exact only if both sides mask the same ``a``: the C matvec's gate
+    and PyTorch's differ by rounding, so a channel whose threshold sits exactly at its native
+    ``|a|`` is kept by the sparse step and, with PyTorch's gate, dropped by the reference.
+    ``masked_dense`` computes the gate on the kernel's dense product, so it keeps it too."""
+    model = _model("llama")
+    layer, anatomy = decoder_layers(model)[0], anatomy_of(model)
+    weights, act = GatedWeights.of(layer, anatomy), layer.get_submodule(anatomy.act)
+    x = torch.randn(1, 1, weights.gate.shape[1], generator=torch.Generator().manual_seed(3))
+    a_native = act(kernels.dense_product(x, weights.gate, weights.gate_bias)).view(-1)
+    a_torch = act(torch.nn.functional.linear(x, weights.gate, weights.gate_bias)).view(-1)
+    below = (a_torch.abs() < a_native.abs()).nonzero().view(-1)
+    assert len(below), "the two gates round alike on every channel: this input tests nothing"
+    threshold = torch.zeros_like(a_native)
+    threshold[below[0]] = a_native[below[0]].abs()
+    with sparsify_for_decode(model, {(0, "act"): threshold}, break_even=1.0) as handle:
+        (mlp,) = handle.modules
+        y = mlp(x)
+        assert handle.paths()["sparse"] == 1
+        torch.testing.assert_close(y, mlp.masked_dense(x), rtol=0, atol=1e-5 * float(y.abs().max()))
+        torch_gate_reference = torch.nn.functional.linear(
+            kernels._masked(a_torch, threshold) * torch.nn.functional.linear(x, weights.up, weights.up_bias),
+            weights.down, weights.down_bias)
+        assert float((y - torch_gate_reference).abs().max()) > 1e-3 * float(y.abs().max())
+
+
 def test_sparse_vs_masked_reports_where_greedy_tokens_part(monkeypatch):
     """Exact kernels, but a reference whose tokens part from them (here masked at 0.9 rather than
     0.5, standing in for rounding flips): reported, not raised, and counted from the first token."""
