@@ -102,7 +102,7 @@ class Kernel(Protocol):
 
     break_even: float  # active fraction above which the dense computation is faster
     extra_bytes: int  # memory of the layouts it keeps beyond the model's weights
-    dense: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # F.linear on its engine (the gate)
+    dense: Callable[[torch.Tensor, torch.Tensor | None], Product]  # a weight's F.linear on its engine (the gate's)
 
     def step(self, x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, max_active: int) -> tuple[torch.Tensor | None, int]:
         """x [hidden], a = act(gate(x)) [channels] -> (``down(masked(a) * up(x))`` [hidden], or
@@ -137,6 +137,14 @@ def _masked(a: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return a.masked_fill(a.abs() < threshold, 0)
 
 
+Product = Callable[[torch.Tensor], torch.Tensor]  # x -> F.linear(x, weight, bias) of one projection
+
+
+def torch_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
+    """``F.linear`` of this weight: the PyTorch kernel's dense products."""
+    return functools.partial(F.linear, weight=weight, bias=bias)
+
+
 class TorchKernel:
     """PyTorch ops only, any dtype. up: active rows gathered block by block (``index_select`` into
     a reused scratch: no allocation, and the block is still in cache for the matvec). down:
@@ -146,7 +154,7 @@ class TorchKernel:
     # bench_decode.py --sweep --kernel torch, 2 threads: FFN time sparse/dense 0.96 and 0.90 at 40%
     # active (SmolLM2, 7B-shaped layer), 1.08 and 0.96 at 50%
     break_even = 0.4
-    dense = staticmethod(F.linear)
+    dense = staticmethod(torch_product)
 
     def __init__(self, weights: GatedWeights, chunk_bytes: int = CHUNK_BYTES) -> None:
         channels, hidden = weights.up.shape
@@ -428,21 +436,29 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def dense_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, one float32 token on the CPU through the C ``dense_matvec``.
-    Why: a BLAS matvec can stream weights at half the kernels' rate (MKL on an AMD EPYC VM: 17-24
-    GB/s against 37-48, bench/RESULTS.md), and the dense products of a sparse step (a CATS gate,
-    the projections no threshold feeds, the lm_head) and the dense baseline it is compared with
-    must run on the same code as the kernels, or the speedup measures the BLAS, not sparsity."""
+def dense_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
+    """``x -> F.linear(x, weight, bias)``, one float32 token on the CPU through the C
+    ``dense_matvec`` (anything else through ``F.linear``). Why: a BLAS matvec can stream weights
+    at half the kernels' rate (MKL on an AMD EPYC VM: 17-24 GB/s against 37-48, bench/RESULTS.md),
+    and the dense products of a sparse step (a CATS gate, the projections no threshold feeds, the
+    lm_head) and the dense baseline it is compared with must run on the same code as the kernels,
+    or the speedup measures the BLAS, not sparsity. The weight is checked once here, not per
+    token (~10 us of Python a call, ~200 calls a step)."""
     lib = native_library()
-    fits = x.shape[:-1].numel() == 1 and x.shape[-1] == weight.shape[-1] and weight.is_contiguous() and (
-        bias is None or (bias.is_contiguous() and bias.dtype == torch.float32))
-    if lib is None or not fits or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return F.linear(x, weight, bias)
-    x, y = x.contiguous(), torch.empty(weight.shape[0])
-    lib.dense_matvec(weight.data_ptr(), _pointer(bias), x.data_ptr(), weight.shape[0], weight.shape[1], y.data_ptr(),
-                     torch.get_num_threads())
-    return y.view(*x.shape[:-1], -1)
+    native = lib is not None and weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu" and (
+        weight.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
+    if not native:
+        return torch_product(weight, bias)
+    out, inputs = weight.shape
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != inputs or x.shape[-1] != inputs or x.dtype != torch.float32:  # not one float32 token
+            return F.linear(x, weight, bias)
+        x, y = x.contiguous(), torch.empty(out)
+        lib.dense_matvec(weight.data_ptr(), _pointer(bias), x.data_ptr(), out, inputs, y.data_ptr(), torch.get_num_threads())
+        return y.view(*x.shape[:-1], out)
+
+    return product
 
 
 class NativeKernel:
@@ -606,10 +622,10 @@ class SparseGatedMLP(nn.Module):
         self.max_active = math.floor(self.break_even * weights.up.shape[0])  # the sparse path's limit
         self.channels = weights.up.shape[0]  # width of the thresholded vector
         self.tally = StepTally()
+        self.gate_product = self.kernel.dense(weights.gate, weights.gate_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weights
-        a = self.act(self.kernel.dense(x, w.gate, w.gate_bias))
+        a = self.act(self.gate_product(x))
         tally = self.tally
         if x.shape[:-1].numel() == 1:
             y, active = self.kernel.step(x.view(-1), a.view(-1), self.threshold, self.max_active)
@@ -627,7 +643,7 @@ class SparseGatedMLP(nn.Module):
         the gate on the kernel's dense product as in ``forward``: the same ``a`` to threshold, so a
         value within rounding of its threshold cannot be kept here and zeroed there."""
         w = self.weights
-        a = self.act(self.kernel.dense(x, w.gate, w.gate_bias)) if a is None else a
+        a = self.act(self.gate_product(x)) if a is None else a
         return F.linear(_masked(a, self.threshold) * F.linear(x, w.up, w.up_bias), w.down, w.down_bias)
 
     @property
@@ -727,9 +743,10 @@ class DenseLinear(nn.Module):
         self.original = [original]  # a list, so it is not registered a second time
         self.weight, self.bias = original.weight, original.bias
         self.in_features, self.out_features = original.in_features, original.out_features
+        self.product = dense_product(original.weight, original.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_product(x, self.weight, self.bias)
+        return self.product(x)
 
 
 Slot = tuple[nn.Module, str, nn.Module]  # (parent, child name, the module put there)

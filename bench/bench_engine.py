@@ -33,44 +33,49 @@ from actsparse.kernels import GatedWeights, NativeKernel, NativeLinearKernel, de
 
 
 def stream_rates(model: nn.Module, sweeps: int) -> None:
-    """Prints one table row per weight shape, and one for the gated FFN's up+down kernel."""
+    """Prints one table row per weight shape, and one for the gated FFN's up+down kernel (each
+    row's weights freed before the next row's are made)."""
     anatomy = anatomy_of(model)
     layers = decoder_layers(model, anatomy)
-    layer = layers[0]
-    shapes = {name.rpartition(".")[2]: tuple(layer.get_submodule(name).weight.shape)
+    shapes = {name.rpartition(".")[2]: tuple(layers[0].get_submodule(name).weight.shape)
               for name in (*anatomy.attention_projections, anatomy.gate, anatomy.up, anatomy.down)}
     shapes["lm_head"] = tuple(model.get_output_embeddings().weight.shape)
     gen = torch.Generator().manual_seed(0)
     print("| weight | shape | copies | MKL GB/s | dense_product GB/s | ratio | sparse kernel, all GB/s | sparse kernel, half GB/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (out, inputs) in shapes.items():
-        copies = 1 if name == "lm_head" else len(layers)
-        weights = [torch.randn(out, inputs, generator=gen) for _ in range(copies)]
-        kernels = [NativeLinearKernel(w, None) for w in weights]
-        x = torch.randn(inputs, generator=gen)
-        half = torch.where(torch.rand(inputs, generator=gen) < 0.5, x, torch.zeros(()))
-        zero = torch.zeros(())
-        sides = {
-            "mkl": lambda: [F.linear(x, w) for w in weights],
-            "dense_product": lambda: [dense_product(x, w, None) for w in weights],
-            "all": lambda: [k.step(x, zero, inputs) for k in kernels],
-            "half": lambda: [k.step(half, zero, inputs) for k in kernels],
-        }
-        rates = _rates(sides, sweeps, copies * out * inputs * 4, {"half": float((half != 0).float().mean())})
-        print(f"| {name} | {out} x {inputs} | {copies} | {rates['mkl']:.1f} | {rates['dense_product']:.1f} | "
-              f"{rates['dense_product'] / rates['mkl']:.2f} | {rates['all']:.1f} | {rates['half']:.1f} |")
-        del weights, kernels
-    ffn = GatedWeights.of(layer, anatomy)
+        print(_projection_row(name, out, inputs, 1 if name == "lm_head" else len(layers), gen, sweeps))
+    print(_ffn_row(GatedWeights.of(layers[0], anatomy), len(layers), gen, sweeps))
+
+
+def _projection_row(name: str, out: int, inputs: int, copies: int, gen: torch.Generator, sweeps: int) -> str:
+    weights = [torch.randn(out, inputs, generator=gen) for _ in range(copies)]
+    kernels = [NativeLinearKernel(w, None) for w in weights]
+    products = [dense_product(w, None) for w in weights]
+    x = torch.randn(inputs, generator=gen)
+    half = torch.where(torch.rand(inputs, generator=gen) < 0.5, x, torch.zeros(()))
+    zero = torch.zeros(())
+    sides = {
+        "mkl": lambda: [F.linear(x, w) for w in weights],
+        "dense_product": lambda: [product(x) for product in products],
+        "all": lambda: [k.step(x, zero, inputs) for k in kernels],
+        "half": lambda: [k.step(half, zero, inputs) for k in kernels],
+    }
+    rates = _rates(sides, sweeps, copies * out * inputs * 4, {"half": float((half != 0).float().mean())})
+    return (f"| {name} | {out} x {inputs} | {copies} | {rates['mkl']:.1f} | {rates['dense_product']:.1f} | "
+            f"{rates['dense_product'] / rates['mkl']:.2f} | {rates['all']:.1f} | {rates['half']:.1f} |")
+
+
+def _ffn_row(ffn: GatedWeights, copies: int, gen: torch.Generator, sweeps: int) -> str:
     channels, hidden = ffn.up.shape
     blocks = [NativeKernel(GatedWeights(ffn.gate, None, torch.randn(ffn.up.shape, generator=gen), None,
-                                        torch.randn(ffn.down.shape, generator=gen), None)) for _ in layers]
-    x = torch.randn(hidden, generator=gen)
-    a_all = torch.ones(channels)
-    a_half = (torch.rand(channels, generator=gen) < 0.5).float()
-    sides = {"all": lambda: [k.step(x, a_all, torch.zeros(()), channels) for k in blocks],
-             "half": lambda: [k.step(x, a_half, torch.zeros(()), channels) for k in blocks]}
-    rates = _rates(sides, sweeps, len(layers) * 2 * channels * hidden * 4, {"half": float(a_half.mean())})
-    print(f"| up+down (NativeKernel) | 2 x {channels} x {hidden} | {len(layers)} | | | | {rates['all']:.1f} | {rates['half']:.1f} |")
+                                        torch.randn(ffn.down.shape, generator=gen), None)) for _ in range(copies)]
+    x, zero = torch.randn(hidden, generator=gen), torch.zeros(())
+    a_all, a_half = torch.ones(channels), (torch.rand(channels, generator=gen) < 0.5).float()
+    sides = {"all": lambda: [k.step(x, a_all, zero, channels) for k in blocks],
+             "half": lambda: [k.step(x, a_half, zero, channels) for k in blocks]}
+    rates = _rates(sides, sweeps, copies * 2 * channels * hidden * 4, {"half": float(a_half.mean())})
+    return f"| up+down (NativeKernel) | 2 x {channels} x {hidden} | {copies} | | | | {rates['all']:.1f} | {rates['half']:.1f} |"
 
 
 def _rates(sides: dict, sweeps: int, nbytes: int, fractions: dict[str, float]) -> dict[str, float]:

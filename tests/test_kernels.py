@@ -405,11 +405,15 @@ def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, kinds)]
 
 
-def test_dense_product_equals_float64_and_gives_the_same_bits_on_any_thread_count():
+def test_dense_product_equals_float64_and_gives_the_same_bits_on_any_thread_count(monkeypatch):
     """The C matvec against numpy in float64, on shapes leaving tails of the 8-row groups and of
     the 8-float vectors, with and without a bias; 1, 2 and 3 threads agree bit for bit. What it
-    does not take (several tokens, another dtype, a non-contiguous weight) is ``F.linear``'s."""
+    does not take (several tokens, another dtype of weight or token, a non-contiguous weight) is
+    ``F.linear``'s, and the C function is called for the float32 tokens only."""
     rng = np.random.default_rng(12)
+    lib, calls = native_library(), []
+    matvec = lib.dense_matvec
+    monkeypatch.setattr(lib, "dense_matvec", lambda *args: calls.append(args) or matvec(*args))
     before = torch.get_num_threads()
     for out, inputs in [(203, 75), (8, 64), (5, 3)]:
         w, x, b = rng.standard_normal((out, inputs)), rng.standard_normal(inputs), rng.standard_normal(out)
@@ -420,18 +424,19 @@ def test_dense_product_equals_float64_and_gives_the_same_bits_on_any_thread_coun
             try:
                 for threads in (1, 2, 3):
                     torch.set_num_threads(threads)
-                    outputs.append(kernels.dense_product(x32.view(1, 1, -1), weight, with_bias))
+                    outputs.append(kernels.dense_product(weight, with_bias)(x32.view(1, 1, -1)))
             finally:
                 torch.set_num_threads(before)
             assert outputs[0].shape == (1, 1, out)
             assert all(torch.equal(y, outputs[0]) for y in outputs[1:])
             np.testing.assert_allclose(outputs[0].view(-1).numpy(), expected, rtol=0, atol=1e-5 * np.abs(w).sum(1).max())
-    two_tokens = torch.randn(2, inputs)
-    assert torch.equal(kernels.dense_product(two_tokens, weight, bias), torch.nn.functional.linear(two_tokens, weight, bias))
-    as64 = x32.double(), weight.double(), bias.double()
-    assert torch.equal(kernels.dense_product(*as64), torch.nn.functional.linear(*as64))
-    strided = torch.randn(inputs, out).t()
-    assert torch.equal(kernels.dense_product(x32, strided, bias), torch.nn.functional.linear(x32, strided, bias))
+    assert len(calls) == 3 * 2 * 3
+    linear = torch.nn.functional.linear
+    two_tokens, as64, strided = torch.randn(2, inputs), (x32.double(), weight.double(), bias.double()), torch.randn(inputs, out).t()
+    assert torch.equal(kernels.dense_product(weight, bias)(two_tokens), linear(two_tokens, weight, bias))
+    assert torch.equal(kernels.dense_product(*as64[1:])(as64[0]), linear(*as64))
+    assert torch.equal(kernels.dense_product(strided, bias)(x32), linear(x32, strided, bias))
+    assert len(calls) == 3 * 2 * 3  # none of these reached the C function
 
 
 @pytest.mark.parametrize("components", [("act",), TEAL_INPUTS])
@@ -543,7 +548,7 @@ def test_the_masked_reference_thresholds_the_gate_the_sparse_step_computed():
     layer, anatomy = decoder_layers(model)[0], anatomy_of(model)
     weights, act = GatedWeights.of(layer, anatomy), layer.get_submodule(anatomy.act)
     x = torch.randn(1, 1, weights.gate.shape[1], generator=torch.Generator().manual_seed(3))
-    a_native = act(kernels.dense_product(x, weights.gate, weights.gate_bias)).view(-1)
+    a_native = act(kernels.dense_product(weights.gate, weights.gate_bias)(x)).view(-1)
     a_torch = act(torch.nn.functional.linear(x, weights.gate, weights.gate_bias)).view(-1)
     below = (a_torch.abs() < a_native.abs()).nonzero().view(-1)
     assert len(below), "the two gates round alike on every channel: this input tests nothing"
