@@ -192,7 +192,8 @@ class TorchKernel:
 
 # select_active replaces five PyTorch ops; the products read each active row once, 8 rows side by
 # side (8 concurrent memory streams keep a memory-bound core busy; one row at a time reached ~2/3
-# of a dense matvec's bandwidth). PyTorch's gather-then-multiply reads each row, writes it and
+# of a dense matvec's bandwidth), one from each eighth of the rows at hand (`member`), so each
+# stream runs on through rows that follow each other in memory. PyTorch's gather-then-multiply reads each row, writes it and
 # reads it again. bench_decode.py --sweep --kernel torch|native measures both.
 # The work is split over the threads PyTorch uses, as the dense matvecs it replaces are (one core
 # alone streamed a 1.5B model's rows slower than two, bench/RESULTS.md): the active rows in
