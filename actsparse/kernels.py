@@ -193,8 +193,9 @@ class TorchKernel:
 # select_active replaces five PyTorch ops; the products read each active row once, 8 rows side by
 # side (8 concurrent memory streams keep a memory-bound core busy; one row at a time reached ~2/3
 # of a dense matvec's bandwidth), one from each eighth of the rows at hand (`member`), so each
-# stream runs on through rows that follow each other in memory. PyTorch's gather-then-multiply reads each row, writes it and
-# reads it again. bench_decode.py --sweep --kernel torch|native measures both.
+# stream runs on through rows that follow each other in memory. PyTorch's gather-then-multiply
+# reads each row, writes it and reads it again. bench_decode.py --sweep --kernel torch|native
+# measures both.
 # The work is split over the threads PyTorch uses, as the dense matvecs it replaces are (one core
 # alone streamed a 1.5B model's rows slower than two, bench/RESULTS.md): the active rows in
 # PARTS fixed parts, each summed into its own partial output, the partials then added in order,
@@ -428,6 +429,7 @@ int64_t sparse_linear(const float *restrict x, const float *restrict t, int64_t 
             int64_t lo, hi;
             share(out, COLUMNS, &lo, &hi);
             if (bias) memcpy(y + lo, bias + lo, (hi - lo) * sizeof(float)); else memset(y + lo, 0, (hi - lo) * sizeof(float));
+            /* adjacent rows: spread ones read these wide column shares slower (bench/RESULTS.md) */
             axpy_rows(w_rows, out, index, 0, k, active, lo, hi, 0, y);
         } else {
             #pragma omp for schedule(static)
