@@ -388,13 +388,14 @@ def test_decode_speed_reports_every_side_and_restores_model():
     linears = dict(_linears(model))
     speed = decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=9, repeats=2)
     assert set(speed) == {"dense_tps", "sparse_tps", "speedup", "kernel_dense_tps", "kernel_speedup", "native_dense_tps",
-                          "native_speedup", "bound", "active_fraction"}
+                          "native_speedup", "fair_speedup", "bound", "active_fraction"}
     # the steps keeping every channel are counted apart: the active fraction is the sparse steps'
     assert 1 < speed["bound"] < 2 and 0.4 < speed["active_fraction"] < 0.6
     assert speed["dense_tps"] > 0 and speed["sparse_tps"] > 0 and speed["kernel_dense_tps"] > 0
     assert speed["speedup"] == pytest.approx(speed["sparse_tps"] / speed["dense_tps"])
     assert speed["kernel_speedup"] == pytest.approx(speed["sparse_tps"] / speed["kernel_dense_tps"])
     assert speed["native_speedup"] == pytest.approx(speed["sparse_tps"] / speed["native_dense_tps"])
+    assert speed["fair_speedup"] == min(speed["speedup"], speed["kernel_speedup"], speed["native_speedup"])
     assert [layer.mlp for layer in decoder_layers(model)] == mlps and dict(_linears(model)) == linears
     with pytest.raises(ValueError, match="new_tokens >= 5"):
         decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=4)
