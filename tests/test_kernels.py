@@ -392,7 +392,7 @@ def test_decode_speed_reports_every_side_and_restores_model():
     linears = dict(_linears(model))
     speed = decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=9, repeats=2)
     assert set(speed) == {"dense_tps", "sparse_tps", "speedup", "kernel_dense_tps", "kernel_speedup", "native_dense_tps",
-                          "native_speedup", "fair_speedup", "bound", "active_fraction"}
+                          "native_speedup", "fair_speedup", "bound", "active_fraction", "native_dense_gbps"}
     # the steps keeping every channel are counted apart: the active fraction is the sparse steps'
     assert 1 < speed["bound"] < 2 and 0.4 < speed["active_fraction"] < 0.6
     assert speed["dense_tps"] > 0 and speed["sparse_tps"] > 0 and speed["kernel_dense_tps"] > 0
@@ -400,9 +400,21 @@ def test_decode_speed_reports_every_side_and_restores_model():
     assert speed["kernel_speedup"] == pytest.approx(speed["sparse_tps"] / speed["kernel_dense_tps"])
     assert speed["native_speedup"] == pytest.approx(speed["sparse_tps"] / speed["native_dense_tps"])
     assert speed["fair_speedup"] == min(speed["speedup"], speed["kernel_speedup"], speed["native_speedup"])
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention = 2 * config.hidden_size * head_dim * (config.num_attention_heads + config.num_key_value_heads)
+    step_bytes = 4 * (config.num_hidden_layers * (attention + 3 * config.hidden_size * config.intermediate_size)
+                      + config.vocab_size * config.hidden_size)  # float32 q, k, v, o, gate, up, down; lm_head
+    assert speed["native_dense_gbps"] == pytest.approx(speed["native_dense_tps"] * step_bytes / 1e9)
     assert [layer.mlp for layer in decoder_layers(model)] == mlps and dict(_linears(model)) == linears
     with pytest.raises(ValueError, match="new_tokens >= 5"):
         decode_speed(model, cats("mistral", 0.5), PROMPT, new_tokens=4)
+
+
+def test_decode_speed_warns_of_a_speedup_above_its_bound(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "weight_bytes_bound", lambda model, handle: 0.01)
+    decode_speed(_model("mistral"), cats("mistral", 0.5), PROMPT, new_tokens=5, repeats=1)
+    assert "exceeds its weight-bytes bound 0.010" in caplog.text and "GB/s" in caplog.text
 
 
 def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
