@@ -23,8 +23,9 @@ Kernels (``KERNELS`` for gated FFNs, ``LINEAR_KERNELS`` for projections, both pi
 ``native``, small C loops (``actsparse.native``) compiled on first use with the system C compiler
 (float32, CPU), and ``torch``, PyTorch ops for any dtype and for machines without a compiler.
 Each has a ``step`` (one token's selection and sparse product; the native one a single C call),
-so a GPU (Triton) kernel plugs in as one more entry; none exists yet, and sparsifying a model on
-another device fails early (NotImplementedError) instead of silently running dense.
+so a GPU (Triton) kernel plugs in as one more entry. None exists yet: on a GPU ``auto`` picks the
+PyTorch kernel, its gathers as PyTorch launches them (``bench/bench_decode.py --device cuda``
+times it against the dense model there).
 
 The products a step keeps dense (a CATS/CHESS gate, projections no threshold feeds, the lm_head)
 run on the same engine: with the native kernels a C matvec (``dense_product``, ``DenseLinear``),
@@ -112,13 +113,15 @@ class Kernel(Protocol):
 
 
 def _layout_of(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``t`` for a kernel's layout, in memory the OS is asked to back with
+    """A contiguous copy of ``t`` for a kernel's layout; on the CPU in memory the OS is asked to back with
     transparent huge pages (Linux with THP in ``madvise`` or ``always`` mode; elsewhere ordinary
     pages). The kernels read scattered rows of a few KiB, each of which costs a TLB miss on 4 KiB
     pages. Measured on TEAL 0.5, Qwen2.5-1.5B, against the same kernels on ordinary pages in one
     run each: +2.4%, +3.6% and -0.4% decoding speed (CATS +0.3%); dense weights, read
     sequentially, gained nothing from them (bench/RESULTS.md). Private: shared anonymous memory is
     shmem, which THP leaves alone."""
+    if t.device.type != "cpu":
+        return t.clone(memory_format=torch.contiguous_format)
     memory = mmap.mmap(-1, max(1, t.numel() * t.element_size()), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # page-aligned
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
@@ -585,12 +588,12 @@ class NativeLinearKernel:
 
 
 def _kernel_name(weight: torch.Tensor, name: str) -> str:
-    """``auto``: the native kernel where it applies (CPU, float32, a C compiler), else PyTorch.
-    A GPU kernel (Triton) would be one more name here, and ``auto``'s pick on its device."""
-    if weight.device.type != "cpu":
-        raise NotImplementedError(f"no sparse decode kernel for device {weight.device.type!r} yet; kernels run on cpu")
+    """``auto``: the native kernel where it applies (CPU, float32, a C compiler), else PyTorch's,
+    which runs on any device. A GPU kernel (Triton) would be one more name here, and ``auto``'s
+    pick on its device."""
     if name == "auto":
-        return "native" if weight.dtype == torch.float32 and native_library() is not None else "torch"
+        native = weight.device.type == "cpu" and weight.dtype == torch.float32 and native_library() is not None
+        return "native" if native else "torch"
     if name not in KERNELS:
         raise ValueError(f"unknown sparse decode kernel {name!r}; choose auto or one of {sorted(KERNELS)}")
     return name
@@ -697,7 +700,7 @@ class SharedInput:
         weight = torch.cat([linear.weight for linear in linears])
         biases = [linear.bias for linear in linears]
         bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(linear.out_features, dtype=weight.dtype) if b is None else b for linear, b in zip(linears, biases)])
+            [weight.new_zeros(linear.out_features) if b is None else b for linear, b in zip(linears, biases)])
         self.kernel = make_linear_kernel(weight, bias, kernel)
         ends = [0, *itertools.accumulate(linear.out_features for linear in linears)]
         self.slices = [slice(start, end) for start, end in zip(ends, ends[1:])]
@@ -952,8 +955,9 @@ def greedy_decode(
     """Batch-1 greedy decoding with a KV cache, like ``generate(do_sample=False)`` without its
     per-step extras (logits processors, stopping checks) and without stopping at EOS, so every run
     decodes exactly ``new_tokens`` and the timing is the model's alone. ``before_step(i)`` runs
-    untimed before single-token step ``i``."""
+    untimed before single-token step ``i``. On a GPU each step is timed to its kernels' end."""
     ids = torch.as_tensor(prompt_ids).view(1, -1).to(next(model.parameters()).device)
+    finish = torch.cuda.synchronize if ids.device.type == "cuda" else lambda: None  # kernels launch asynchronously
     if new_tokens < 1 or ids.shape[1] < 1:
         raise ValueError(f"greedy_decode needs a prompt and new_tokens >= 1, got {ids.shape[1]} tokens, {new_tokens}")
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -961,8 +965,10 @@ def greedy_decode(
     for step in range(new_tokens - 1):
         if before_step:
             before_step(step)
+        finish()
         start = time.perf_counter()
         out = model(input_ids=logits[-1].argmax().view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+        finish()
         seconds.append(time.perf_counter() - start)
         logits.append(out.logits[0, -1])
     stacked = torch.stack(logits)

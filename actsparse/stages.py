@@ -278,8 +278,8 @@ def decode_speed(
     dtype: str,
     provenance: dict,
 ) -> dict:
-    """Dense vs sparse decoding tokens/s of one grid point on the CPU (the only device with
-    sparse kernels so far), after checking that every sparse kernel computes the masked dense
+    """Dense vs sparse decoding tokens/s of one grid point on the CPU (the native kernels' device;
+    on a GPU only PyTorch's gathers run, which bench/bench_decode.py --device cuda times), after checking that every sparse kernel computes the masked dense
     model's output of its input (``kernels.sparse_vs_masked``; how many greedy tokens came out
     alike is recorded). The prompt is ``[BOS]`` + the first evaluation tokens."""
     from actsparse import models

@@ -26,6 +26,10 @@ the 30 SmolLM2 FFNs in turn (so weights come from memory as in decoding) and on 
         --methods cats,teal --sparsities 0.5 --no-layer-7b
 
 The model must have been imported first (default results/models/smollm2-135m, the import_model rule).
+
+``--device cuda`` times part 1 on a GPU, in the model's ``auto`` dtype there (bfloat16), with the
+PyTorch kernel (the native kernels are CPU loops): whether sparse decoding gains anything on a GPU
+without a kernel of its own. Part 2 and ``--sweep`` stay on the CPU.
 """
 
 from __future__ import annotations
@@ -66,10 +70,14 @@ THRESHOLDED = {"cats": ("act",), "teal": INPUT_COMPONENTS}  # what each timed me
 def abs_samples(model, token_ids: torch.Tensor, components, window: int = 512) -> dict[tuple[int, str], np.ndarray]:
     """|component| of every layer over the calibration tokens, in windows of ``window`` positions."""
     chunks: dict[tuple[int, str], list[np.ndarray]] = {}
-    sink = lambda layer, c, value: chunks.setdefault((layer, c), []).append(value.abs().flatten().numpy())  # noqa: E731
+
+    def sink(layer: int, component: str, value: torch.Tensor) -> None:
+        chunks.setdefault((layer, component), []).append(value.abs().flatten().float().cpu().numpy())
+
+    device = next(model.parameters()).device
     with capture(model, list(components), sink), torch.inference_mode():
         for start in range(0, len(token_ids), window):
-            model(token_ids[None, start : start + window])
+            model(token_ids[None, start : start + window].to(device))
     return {key: np.concatenate(parts) for key, parts in chunks.items()}
 
 
@@ -90,7 +98,7 @@ def wikitext_tokens(tokenizer, count: int) -> torch.Tensor:
 def real_model(args) -> tuple[torch.nn.Module, dict, torch.Tensor]:
     """The model, |x| samples of its calibration tokens for the methods' components, and the
     prompt (the tokens after them)."""
-    model, tokenizer = load_model(args.model_dir, own_memory=True)
+    model, tokenizer = load_model(args.model_dir, args.device, own_memory=True)
     tokens = wikitext_tokens(tokenizer, args.calib_tokens + args.prompt_tokens)
     components = {c for method in args.methods for c in THRESHOLDED[method]}
     return model, abs_samples(model, tokens[: args.calib_tokens], components), tokens[args.calib_tokens :]
@@ -111,7 +119,7 @@ def real_model_rows(model, samples: dict, prompt: torch.Tensor, args) -> list[di
                 f"tokens alike (max |logit diff| {agreement.max_logit_diff:.1e} till then), load {_load()}",
                 flush=True,
             )
-            rows.append(dict(model=Path(args.model_dir).name, method=method, sparsity=sparsity, device="cpu", **speed))
+            rows.append(dict(model=Path(args.model_dir).name, method=method, sparsity=sparsity, device=args.device, **speed))
             print_table(rows[-1:])
     return rows
 
@@ -208,6 +216,7 @@ def _load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where part 1 runs: cpu or cuda (the PyTorch kernel)")
     parser.add_argument("--model-dir", default=MODEL_DIR, help="an imported model (the import_model rule)")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["cats"], help="cats and/or teal")
     parser.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")], default=list(SPARSITIES))
@@ -223,7 +232,7 @@ def main() -> None:
     parser.add_argument("--sweep-tokens", type=int, default=30, help="timed tokens per sweep row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads {torch.get_num_threads()}, kernel {args.kernel}, load average {_load()}")
+    print(f"threads {torch.get_num_threads()}, device {args.device}, kernel {args.kernel}, load average {_load()}")
     unknown = sorted(set(args.methods) - set(THRESHOLDED))
     if unknown:
         parser.error(f"--methods {unknown}: choose from {sorted(THRESHOLDED)}")

@@ -23,9 +23,11 @@ from actsparse.kernels import (
     SparseGatedMLP,
     SparseInputLinear,
     TorchKernel,
+    TorchLinearKernel,
     decode_speed,
     greedy_decode,
     make_kernel,
+    make_linear_kernel,
     module_tolerance,
     native_library,
     sparse_vs_masked,
@@ -380,10 +382,18 @@ def test_auto_kernel_is_native_for_float32_and_torch_without_a_compiler(monkeypa
         make_kernel(weights, "cuda")
 
 
-def test_no_kernel_off_cpu_fails_early():
-    meta = torch.empty(4, 8, device="meta")
-    with pytest.raises(NotImplementedError, match="device 'meta'"):
-        make_kernel(GatedWeights(meta, None, meta, None, meta.t(), None))
+def test_off_the_cpu_auto_picks_the_pytorch_kernels_with_their_layouts_on_the_weights_device():
+    """(meta stands in for a GPU: any device but the CPU)"""
+    up, weight = torch.empty(4, 8, device="meta"), torch.empty(6, 8, device="meta")
+    kernel = make_kernel(GatedWeights(up, None, up, None, up.t(), None))
+    assert isinstance(kernel, TorchKernel) and kernel.down_rows.device.type == kernel.scratch.device.type == "meta"
+    assert kernel.down_rows.shape == (4, 8) and kernel.down_rows.is_contiguous()
+    linear = make_linear_kernel(weight, None)
+    assert isinstance(linear, TorchLinearKernel) and linear.rows.device.type == "meta" and linear.rows.shape == (8, 6)
+    with pytest.raises(ValueError, match="float32 on CPU"):
+        make_kernel(GatedWeights(up, None, up, None, up.t(), None), "native")
+    with pytest.raises(ValueError, match="float32 on CPU"):
+        make_linear_kernel(weight, None, "native")
 
 
 def test_decode_speed_reports_every_side_and_restores_model():
