@@ -29,6 +29,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -161,9 +162,18 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, object]:
     """Dequantise a GGUF file into a plain model (save_pretrained refuses GGUF-loaded models)."""
     gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    plain = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(_dequantised(gguf_model.config), dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
     return plain, tokenizer
+
+
+def _dequantised(config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` without a GGUF ``quantization_config``: the weights beside it are plain floats, and
+    with it transformers refuses to save the model again (an imported model reused as a ``local:``
+    source; imports before this check kept it)."""
+    if (getattr(config, "quantization_config", None) or {}).get("quant_method") == "gguf":
+        del config.quantization_config
+    return config
 
 
 def load_source(source: dict) -> tuple[torch.nn.Module, object]:
@@ -181,7 +191,8 @@ def load_source(source: dict) -> tuple[torch.nn.Module, object]:
     revision = source.get("revision")
     if kind == "local" and not Path(spec).is_dir():
         raise ModelSourceError(f"local model directory not found: {spec}")
-    model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=torch.float32)
+    config = _dequantised(AutoConfig.from_pretrained(spec, revision=revision))
+    model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, config=config, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
     return model, tokenizer
 

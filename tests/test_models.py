@@ -1,4 +1,6 @@
 import hashlib
+import json
+import shutil
 import sys
 
 import pytest
@@ -38,6 +40,21 @@ def test_local_source_round_trip(tiny_model_dir, tmp_path):
     import_model({"local": str(tiny_model_dir("llama"))}, out)
     assert (out / "model.safetensors").is_file()
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_model_imported_from_gguf_imports_again_as_a_local_source(tiny_model_dir, tmp_path):
+    """A GGUF import's config once kept transformers' GGUF quantization_config, over plain float
+    weights; importing that directory as a ``local:`` source then failed (save refused)."""
+    imported = tmp_path / "imported"
+    shutil.copytree(tiny_model_dir("llama"), imported)
+    config = json.loads((imported / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "m.gguf", "dequantize": False}
+    (imported / "config.json").write_text(json.dumps(config))
+    import_model({"local": str(imported)}, tmp_path / "again")
+    assert "quantization_config" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    original, _ = load_model(tiny_model_dir("llama"))
+    again, _ = load_model(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), again.state_dict().values()))
 
 
 def test_tiny_models_are_seeded():
@@ -89,6 +106,7 @@ def test_smollm2_gguf_imports_and_reloads_identically(tmp_path):
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
     assert model.config.num_hidden_layers == 30
+    assert not hasattr(reloaded.config, "quantization_config")  # plain weights: it imports again as local
 
 
 def test_tiny_qwen2_has_random_qkv_biases_and_tied_embeddings_after_import(tiny_model_dir):
