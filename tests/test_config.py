@@ -159,10 +159,14 @@ def test_scale_config_is_valid_on_its_own(workdir):
     assert list(config["models"]) == ["qwen2.5-coder-1.5b"]
 
 
-def test_gpu_check_config_is_valid_on_its_own_and_storeless(workdir):
-    """bench/gpu_check.sh runs on a borrowed GPU machine in one call: its config must not fail
-    there, and it checks the storeless fits, so it must collect no store."""
+def test_gpu_check_config_is_valid_with_the_model_the_script_adds_and_storeless(workdir, tiny_model_dir):
+    """bench/gpu_check.sh runs on a borrowed GPU machine in one call: its config, with the local
+    model and calibration size the script adds, must not fail there, and it checks the storeless
+    fits, so it must collect no store."""
     config = load_yaml(REPO / "bench/gpu_check.yaml")
+    assert "models" not in config
+    config["models"] = {"smollm2-135m": {"local": str(tiny_model_dir("llama"))}}
+    config["corpora"]["calibration"]["max_tokens"] = 32768
     assert schema_errors(config) == [] and list(relation_errors(config)) == []
     assert config["collection"]["backend"] == "none" and set(config["methods"]) == {"cats", "chess"}
 
