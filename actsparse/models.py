@@ -171,7 +171,9 @@ def _dequantised(config: PretrainedConfig) -> PretrainedConfig:
     """``config`` without a GGUF ``quantization_config``: the weights beside it are plain floats, and
     with it transformers refuses to save the model again (an imported model reused as a ``local:``
     source; imports before this check kept it)."""
-    if (getattr(config, "quantization_config", None) or {}).get("quant_method") == "gguf":
+    quantization = getattr(config, "quantization_config", None)  # a GgufConfig after a GGUF load, a dict from JSON
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if method == "gguf":  # QuantizationMethod.GGUF is a str enum
         del config.quantization_config
     return config
 

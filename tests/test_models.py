@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from transformers import GgufConfig, LlamaConfig
 
 from actsparse import models
 from actsparse.config import gguf_parts
@@ -55,6 +56,16 @@ def test_a_model_imported_from_gguf_imports_again_as_a_local_source(tiny_model_d
     original, _ = load_model(tiny_model_dir("llama"))
     again, _ = load_model(tmp_path / "again")
     assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("loaded", [lambda: GgufConfig(gguf_file="m.gguf"), lambda: {"quant_method": "gguf"}],
+                         ids=["after a GGUF load", "read from config.json"])
+def test_the_gguf_quantization_config_is_dropped_in_both_forms_and_no_other(loaded):
+    config = LlamaConfig()
+    config.quantization_config = loaded()
+    assert not hasattr(models._dequantised(config), "quantization_config")
+    config.quantization_config = {"quant_method": "bitsandbytes"}  # real quantised weights: kept
+    assert models._dequantised(config).quantization_config == {"quant_method": "bitsandbytes"}
 
 
 def test_tiny_models_are_seeded():
