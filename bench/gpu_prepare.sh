@@ -7,34 +7,36 @@
 #                           holds in another version the pipeline depends on (transformers, its hub)
 #   gpu-check/seed.tar.gz   config and tokenizer files of SmolLM2-135M and Qwen2.5-Coder-1.5B (no
 #                           weights: the check draws random ones of their shapes, bench/random_model.py)
-# The models must have been imported here first (`make run`; `make scale`, or `make install-qwen`
-# and the scale config's import_model job). Then, in one device call:
+# .venv and the imported models must exist here first (`make run`; `make scale`, or
+# `make install-qwen` and the scale config's import_model job). Then, in one device call:
 #   command: bash bench/gpu_check.sh      carry: [".whl", "gpu-check/seed.tar.gz"]
 set -euo pipefail
-# The image lacks these (requirements.txt's pins and, without their own pins, the versions pip
-# resolved for them there; the SLURM executor plugins are left out: the check runs locally).
-# PuLP (16 MB) is left out too: the check schedules greedily (--scheduler greedy).
+# The image lacks these; each is fetched in the version installed in .venv here (`make install`:
+# requirements.txt's pins and what pip resolved for them), so no version is written twice. The
+# SLURM executor plugins are left out (the check runs locally), and PuLP (16 MB) too: the check
+# schedules greedily (--scheduler greedy).
 missing=(
-    snakemake==9.27.1 snakemake-interface-common==1.23.0 snakemake-interface-executor-plugins==9.4.0
-    snakemake-interface-logger-plugins==2.1.0 snakemake-interface-report-plugins==1.3.0
-    snakemake-interface-scheduler-plugins==2.0.2 snakemake-interface-storage-plugins==4.4.1
-    argparse-dataclass==2.0.0 conda-inject==1.3.2 ConfigArgParse==1.9.0 docutils==0.22.4 dpath==2.2.0
-    fastjsonschema==2.22.3 gitdb==4.0.12 GitPython==3.2.1 humanfriendly==10.0 immutables==0.21
-    jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
-    jupyter_core==5.9.1 nbformat==5.11.1 platformdirs==4.14.9 traitlets==5.16.1 smart_open==7.7.1
-    smmap==5.0.3 throttler==1.2.3 yte==1.9.4 tenacity==9.2.1 SQLAlchemy==2.0.59 sqlmodel==0.0.37 greenlet==3.5.6
-    pydantic==2.14.4 pydantic_core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0
-    zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
-    gguf==0.19.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-    transformers==5.23.0 huggingface_hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5
+    snakemake snakemake-interface-common snakemake-interface-executor-plugins snakemake-interface-logger-plugins
+    snakemake-interface-report-plugins snakemake-interface-scheduler-plugins snakemake-interface-storage-plugins
+    argparse-dataclass conda-inject ConfigArgParse docutils dpath fastjsonschema gitdb GitPython humanfriendly
+    immutables jsonschema jsonschema-specifications referencing rpds-py jupyter_core nbformat platformdirs
+    traitlets smart_open smmap throttler yte tenacity SQLAlchemy sqlmodel greenlet pydantic pydantic_core
+    typing-inspection annotated-types
+    zarr numcodecs donfig google-crc32c gguf datasets dill multiprocess
+    transformers huggingface_hub httpx2 httpcore2 truststore
 )
-sdist_only=(connection_pool==0.0.3)  # no wheel on PyPI: built here (pure Python)
+sdist_only=(connection_pool)  # no wheel on PyPI: built here (pure Python)
+pinned() {  # name==version of each package as installed in .venv
+    .venv/bin/python -c 'import sys; from importlib.metadata import version
+print("\n".join(f"{name}=={version(name)}" for name in sys.argv[1:]))' "$@"
+}
+wheels=($(pinned "${missing[@]}")) built=($(pinned "${sdist_only[@]}"))  # fails here if one is not in .venv
 pip=(python3 -m pip)
 rm -rf .whl && mkdir .whl
 "${pip[@]}" download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "${missing[@]}"
-"${pip[@]}" wheel --quiet --no-deps -w .whl "${sdist_only[@]}"
+    -d .whl "${wheels[@]}"
+"${pip[@]}" wheel --quiet --no-deps -w .whl "${built[@]}"
 mkdir -p gpu-check/seed
 for model in smollm2-135m qwen2.5-coder-1.5b; do
     source=results/models/$model

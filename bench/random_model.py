@@ -21,8 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 
 def random_model(seed_dir: Path, out_dir: Path, device: str, seed: int = 0) -> None:
-    """``out_dir``: ``seed_dir``'s files and float32 safetensors weights drawn as transformers
-    initialises an untrained model (built on ``device``: a 1.5B model's init takes a GPU seconds), written atomically."""
+    """``out_dir``, written atomically: ``seed_dir``'s files and float32 safetensors weights drawn as
+    transformers initialises an untrained model (built on ``device``: a 1.5B model's init takes a
+    GPU seconds)."""
     torch.manual_seed(seed)
     config = AutoConfig.from_pretrained(seed_dir)
     with torch.device(device):
