@@ -10,14 +10,16 @@ AVERAGE_TASK = "average"  # the task label of the 8-task mean row of each (model
 LAYER_SPARSITY = ("model", "method", "target_sparsity", "layer", "component", "achieved_sparsity")
 ACC_STDERR = "acc_stderr"  # lm-eval's standard error of acc: sqrt(var(ddof=1) / n) over the documents
 # bound: the weight-bytes bound at the active fraction; tokens_matched of tokens_checked: greedy
-# tokens equal to the masked dense model's; max_module_diff: the kernels against it (kernels.Agreement);
+# tokens equal to the masked dense model's, up to where they first part; forced_tokens_matched: of
+# them, the sparse model's choices equal to the masked model's after the same tokens (fed its tokens);
+# max_module_diff: the kernels against it (kernels.Agreement);
 # kernel_dense_tps, kernel_speedup: the sparse kernels keeping every channel, and the speedup over them;
 # native_dense_tps, native_speedup: the dense model on the kernels' engine; fair_speedup: over the
 # fastest of the three dense steps, the smallest speedup; native_dense_gbps: the native dense step's
 # weight bytes over its time, low in spells of outside load (kernels.decode_speed)
 SPEED = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup", "bound", "active_fraction",
          "tokens_matched", "tokens_checked", "max_module_diff", "kernel_dense_tps", "kernel_speedup", "native_dense_tps",
-         "native_speedup", "fair_speedup", "native_dense_gbps")
+         "native_speedup", "fair_speedup", "native_dense_gbps", "forced_tokens_matched")
 # the paper layouts (actsparse.publish); their value columns follow the data (sparsity levels, tasks)
 MODELS = ("model", "family", "activation", "parameters", "layers", "ffn_share")  # the seed paper's Table I
 PERPLEXITY_WIDE_KEYS = ("model", "method")  # then one ppl column per target sparsity, two decimals

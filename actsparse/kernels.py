@@ -950,16 +950,24 @@ class Decoded:
 
 @torch.inference_mode()
 def greedy_decode(
-    model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, before_step: Callable[[int], object] | None = None
+    model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, before_step: Callable[[int], object] | None = None,
+    forced_ids: torch.Tensor | None = None,
 ) -> Decoded:
     """Batch-1 greedy decoding with a KV cache, like ``generate(do_sample=False)`` without its
     per-step extras (logits processors, stopping checks) and without stopping at EOS, so every run
     decodes exactly ``new_tokens`` and the timing is the model's alone. ``before_step(i)`` runs
-    untimed before single-token step ``i``. On a GPU each step is timed to its kernels' end."""
+    untimed before single-token step ``i``. On a GPU each step is timed to its kernels' end.
+
+    With ``forced_ids`` (another decoding's ``ids``), step ``i`` is fed ``forced_ids[i]`` instead of
+    this decoding's own choice (teacher forcing): ``ids`` still holds its own choices, each made
+    after the same tokens as the other decoding's, so one differing choice does not change the
+    inputs of every step after it."""
     ids = torch.as_tensor(prompt_ids).view(1, -1).to(next(model.parameters()).device)
     finish = torch.cuda.synchronize if ids.device.type == "cuda" else lambda: None  # kernels launch asynchronously
     if new_tokens < 1 or ids.shape[1] < 1:
         raise ValueError(f"greedy_decode needs a prompt and new_tokens >= 1, got {ids.shape[1]} tokens, {new_tokens}")
+    if forced_ids is not None and len(forced_ids) < new_tokens - 1:
+        raise ValueError(f"greedy_decode needs {new_tokens - 1} forced_ids for {new_tokens} tokens, got {len(forced_ids)}")
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     logits, seconds = [out.logits[0, -1]], []
     for step in range(new_tokens - 1):
@@ -967,7 +975,8 @@ def greedy_decode(
             before_step(step)
         finish()
         start = time.perf_counter()
-        out = model(input_ids=logits[-1].argmax().view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+        fed = logits[-1].argmax() if forced_ids is None else forced_ids[step].to(ids.device)
+        out = model(input_ids=fed.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
         finish()
         seconds.append(time.perf_counter() - start)
         logits.append(out.logits[0, -1])
@@ -983,6 +992,7 @@ class Agreement:
     tokens_checked: int  # greedy tokens decoded both ways
     tokens_matched: int  # how many of them, from the first, both ways chose alike
     max_logit_diff: float  # over the steps both ways decoded from the same tokens
+    forced_tokens_matched: int  # how many the sparse model chose alike when fed the masked model's tokens
 
 
 def module_tolerance(dtype: torch.dtype) -> float:
@@ -1008,7 +1018,11 @@ def sparse_vs_masked(
     End to end the two decodings are compared too, but only reported: their inputs differ by that
     rounding, a value within it of its threshold is zeroed on one side only, and the key/value it
     changes stays in the cache, so on large models (TEAL thresholds ~380k values a step on
-    Qwen2.5-1.5B) greedy tokens can part after a few steps with every module exact.
+    Qwen2.5-1.5B) greedy tokens can part after a few steps with every module exact. From there on
+    the two decodings see other tokens, so ``tokens_matched`` says where they first part, not how
+    often they would choose alike; the sparse model is therefore also fed the masked model's tokens
+    (``greedy_decode``'s ``forced_ids``), and ``forced_tokens_matched`` counts the steps at which it
+    chose the same next token after the same tokens.
     """
     engine = SparseDecode([], _dense_stand_ins(model, kernel))
     engine.attach_dense()
@@ -1031,6 +1045,7 @@ def sparse_vs_masked(
         finally:
             for hook in hooks:
                 hook.remove()
+        forced = greedy_decode(model, prompt_ids, new_tokens, forced_ids=reference.ids)
     worst, tolerance = max(module_diffs), module_tolerance(next(model.parameters()).dtype)
     if not worst <= tolerance:
         raise AssertionError(f"a sparse kernel's output differs from the masked dense computation of the same input "
@@ -1042,7 +1057,14 @@ def sparse_vs_masked(
     if matched < new_tokens:
         log.warning("sparse and masked dense decoding part at token %d of %d (every module within %.1g of the "
                     "masked dense computation of its input)", matched, new_tokens, worst)
-    return Agreement(worst, new_tokens, matched, logit_diff)
+    forced_differ = (forced.ids != reference.ids).nonzero().flatten().tolist()
+    if forced_differ:
+        top2 = reference.logits[forced_differ].topk(2).values
+        log.warning("fed the masked dense model's tokens, sparse decoding chose otherwise at step(s) %s, where the "
+                    "masked model's two best logits lie %s apart and the two models' logits differ by up to %.3g",
+                    forced_differ, [round(float(m), 4) for m in top2[:, 0] - top2[:, 1]],
+                    float((forced.logits - reference.logits).abs().max()))
+    return Agreement(worst, new_tokens, matched, logit_diff, new_tokens - len(forced_differ))
 
 
 def _dense_step_weights(model: nn.Module) -> list[torch.Tensor]:

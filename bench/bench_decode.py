@@ -116,7 +116,8 @@ def real_model_rows(model, samples: dict, prompt: torch.Tensor, args) -> list[di
             print(
                 f"  {method} {sparsity:.1f}: paths {dict(handle.paths())}, kernels vs masked dense "
                 f"{agreement.max_module_diff:.1e} of scale, {agreement.tokens_matched}/{agreement.tokens_checked} "
-                f"tokens alike (max |logit diff| {agreement.max_logit_diff:.1e} till then), load {_load()}",
+                f"tokens alike (max |logit diff| {agreement.max_logit_diff:.1e} till then; fed the masked model's "
+                f"tokens, {agreement.forced_tokens_matched} alike), load {_load()}",
                 flush=True,
             )
             rows.append(dict(model=Path(args.model_dir).name, method=method, sparsity=sparsity, device=args.device, **speed))

@@ -103,7 +103,7 @@ def test_speedup_is_plotted_against_sparsity_with_dense_speed_as_reference():
     frame = pd.DataFrame([("m", method, s, "cpu", 10.0, 10.0 * (1 + s), 1 + s, 1 + 2 * s, 1 - s, 16, 16, 1e-6,
                            12.0, 10.0 * (1 + s) / 12.0 if method == "teal" else float("nan"),
                            14.0, 10.0 * (1 + s) / 14.0 if method == "teal" else float("nan"),
-                           10.0 * (1 + s) / 14.0 if method == "teal" else 1 + s, 30.0)
+                           10.0 * (1 + s) / 14.0 if method == "teal" else 1 + s, 30.0, 16)
                           for method in ("cats", "teal") for s in (0.7, 0.5)], columns=list(columns.SPEED))
     figure = figures.speedup(frame)
     assert_labelled(figure)

@@ -545,7 +545,7 @@ def test_bad_options_fail_and_leave_the_model_dense(options, message):
 def test_sparse_vs_masked_is_small_and_refuses_a_kernel_computing_something_else(monkeypatch):
     model = _model("llama")
     agreement = sparse_vs_masked(model, cats("llama", 0.5), PROMPT, STEPS)
-    assert agreement.tokens_matched == agreement.tokens_checked == STEPS
+    assert agreement.tokens_matched == agreement.tokens_checked == agreement.forced_tokens_matched == STEPS
     assert agreement.max_logit_diff < 1e-4 and agreement.max_module_diff <= module_tolerance(torch.float32)
     select = TorchKernel.select
     # a kernel that inflates the FFN output, and one that drops the weakest active channel: the
@@ -616,7 +616,7 @@ def test_the_masked_reference_decodes_on_the_sparse_steps_dense_engine(monkeypat
     assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
 
 
-def test_sparse_vs_masked_reports_where_greedy_tokens_part(monkeypatch):
+def test_sparse_vs_masked_reports_where_greedy_tokens_part(monkeypatch, caplog):
     """Exact kernels, but a reference whose tokens part from them (here masked at 0.9 rather than
     0.5, standing in for rounding flips): reported, not raised, and counted from the first token."""
     import actsparse.kernels
@@ -632,6 +632,29 @@ def test_sparse_vs_masked_reports_where_greedy_tokens_part(monkeypatch):
     agreement = sparse_vs_masked(model, at_05, PROMPT, 12)
     assert (agreement.tokens_matched, agreement.tokens_checked) == (parts, 12)
     assert agreement.max_module_diff <= module_tolerance(torch.float32)
+    # fed the reference's tokens, the model masked at 0.5 chooses, at each step, what one forward
+    # over the prompt and those tokens (no cache) gives at that position
+    with apply_thresholds(model, at_05), torch.inference_mode():
+        full = model(torch.cat([PROMPT, other.ids[:-1]])[None]).logits[0, len(PROMPT) - 1:]
+    forced = int((full.argmax(-1) == other.ids).sum())
+    assert parts < forced < 12, "the forced count must differ from both ends for this test to mean anything"
+    assert agreement.forced_tokens_matched == forced
+    differ = (full.argmax(-1) != other.ids).nonzero().flatten().tolist()
+    assert f"chose otherwise at step(s) {differ}" in caplog.text
+
+
+def test_forced_decoding_feeds_the_given_tokens_and_keeps_its_own_choices():
+    """Step i's logits are those of one forward over the prompt and forced_ids[:i] (no cache); ids
+    are this model's own choices from them."""
+    model = _model("qwen2")
+    forced_ids = torch.tensor([7, 100, 42, 9, 120])
+    decoded = greedy_decode(model, PROMPT, 6, forced_ids=forced_ids)
+    with torch.inference_mode():
+        full = model(torch.cat([PROMPT, forced_ids])[None]).logits[0, len(PROMPT) - 1:]
+    torch.testing.assert_close(decoded.logits, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(decoded.ids, full.argmax(-1)) and not torch.equal(decoded.ids[1:], forced_ids)
+    with pytest.raises(ValueError, match="forced_ids"):
+        greedy_decode(model, PROMPT, 7, forced_ids=forced_ids)
 
 
 def _decode_masked_steps(model, thresholds, steps: int) -> Decoded:
@@ -678,7 +701,8 @@ def test_speed_stage_writes_the_grid_point_and_the_table(tiny_model_dir, tmp_pat
     result = stages.decode_speed(model_dir, corpus, thresholds, out, "cats", 0.5, prompt_tokens=16, new_tokens=5,
                                  repeats=1, kernel="auto", dtype="float32", provenance={"seed": 0})
     assert result["prompt_tokens"] == 16 and result["device"] == "cpu" and result["max_logit_diff"] < 1e-4
-    assert result["tokens_matched"] == result["tokens_checked"] == 5 and result["max_module_diff"] < 1e-4
+    assert result["tokens_matched"] == result["tokens_checked"] == result["forced_tokens_matched"] == 5
+    assert result["max_module_diff"] < 1e-4
     assert result["bound"] > 1 and 0.3 < result["active_fraction"] < 0.7
     assert result["dense_tps"] > 0 and result["speedup"] == pytest.approx(result["sparse_tps"] / result["dense_tps"])
     table = stages.speed_table([out], tmp_path / "speed.csv")
