@@ -1,0 +1,367 @@
+"""How far sparse decoding's speedup goes once the time a dense and a sparse step share outside
+the weight reads is nearly gone: a Qwen2/Llama decoder layer written in C (RMSNorm, rotary, KV
+cache, attention, residuals) around the library's own products (``dense_matvec``,
+``sparse_ffn``, ``sparse_linear``, compiled into the same library), one C call a layer, against
+the same model on PyTorch's modules as ``kernels.decode_speed`` times it (bench/RESULTS.md: on
+the AMD EPYC VM ~38 ms of a ~170 ms 1.5B step lie outside the products).
+
+Three kinds of C step rotate step by step (as ``decode_speed``'s sides): dense (every product on
+the C matvec), the kernels keeping every channel, and the kernels with the thresholds: CATS or
+CHESS on ``act`` (the FFN kernel; attention dense), or TEAL's four inputs (every projection).
+Printed: median step times, the sparse step's speedup over the faster dense one, the same model's
+``decode_speed`` (PyTorch's modules around the same products) in the same run, and the C steps'
+logits against PyTorch's, dense and masked (``check``), which fails the run if they differ.
+
+    .venv/bin/python bench/bench_c_step.py \\
+        --model-dir results/models/qwen2.5-coder-1.5b \\
+        --thresholds results/thresholds/qwen2.5-coder-1.5b/cats/0.50.safetensors \\
+        --corpus results/corpora/qwen2.5-coder-1.5b/evaluation.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from actsparse import corpora, kernels, methods, models, native
+from actsparse.anatomy import decoder_layers
+
+_LAYER_SOURCE = r"""
+enum { DENSE, ACT, ACT_EVERY, INPUTS, INPUTS_EVERY }; /* how a step reads the layer's products */
+enum { SITE_ATTN_IN, SITE_O_IN, SITE_FFN_IN, SITE_H, SITES }; /* thresholded inputs (TEAL's four) */
+
+typedef struct {
+    const float *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *ln2, *wg, *wu, *wd;
+    const float *blocks, *act_threshold; /* ACT: [up row | down column] per channel, act(gate)'s threshold */
+    const float *qkv_rows, *qkv_bias, *o_rows, *gate_up_rows, *down_rows; /* INPUTS: the weights transposed */
+    const float *threshold[SITES];
+    int64_t act_step, step[SITES]; /* 0: a scalar threshold, 1: one per channel */
+    float *kcache, *vcache; /* [kv_heads][max_len][head_dim] */
+} Layer;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, inter, max_len;
+    float eps;
+    int threads;
+    float *h, *qkv, *attn, *o, *gate_up, *y, *scores, *partials, *zero;
+    float *active[SITES];
+    int64_t *index[SITES]; /* the active channels of the step's last call at each site (ACT: SITE_FFN_IN's) */
+    int64_t count[SITES];
+} Step;
+
+static void rmsnorm(const float *x, const float *w, int64_t n, float eps, float *y) {
+    float ss = 0;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* rotate_half rotary embedding of `count` heads of d floats at one position */
+static void rope(float *x, int64_t count, int64_t d, const float *cos, const float *sin) {
+    int64_t half = d / 2;
+    for (int64_t h = 0; h < count; h++, x += d)
+        for (int64_t i = 0; i < half; i++) {
+            float a = x[i], b = x[i + half];
+            x[i] = a * cos[i] - b * sin[i];
+            x[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+}
+
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* y = w x + bias, densely, or (INPUTS modes) over the inputs the site's threshold keeps, as the
+   library's SparseInputLinear does: 16 parts up to 2048 outputs, else split by output columns */
+static void product(const Layer *L, Step *S, int mode, int site, const float *w, const float *rows,
+                    const float *bias, const float *x, int64_t in, int64_t out, float *y) {
+    if (mode != INPUTS && mode != INPUTS_EVERY) {
+        dense_matvec(w, bias, x, out, in, y, S->threads);
+        return;
+    }
+    const float *t = mode == INPUTS ? L->threshold[site] : S->zero;
+    S->count[site] = sparse_linear(x, t, mode == INPUTS ? L->step[site] : 0, in, in, rows, bias, out, S->index[site],
+                                   S->active[site], out <= 2048 ? 16 : 0, S->partials, y, S->threads);
+}
+
+/* x <- one decoder layer of x at position pos, its products read as `mode` says */
+void layer_step(const Layer *L, Step *S, float *x, int64_t pos, const float *cos, const float *sin, int mode) {
+    int64_t hidden = S->hidden, d = S->head_dim, group = S->heads / S->kv_heads, I = S->inter;
+    float *q = S->qkv, *k = q + S->heads * d, *v = k + S->kv_heads * d;
+    rmsnorm(x, L->ln1, hidden, S->eps, S->h);
+    if (mode == INPUTS || mode == INPUTS_EVERY) {
+        product(L, S, mode, SITE_ATTN_IN, NULL, L->qkv_rows, L->qkv_bias, S->h, hidden, (S->heads + 2 * S->kv_heads) * d, q);
+    } else {
+        dense_matvec(L->wq, L->bq, S->h, S->heads * d, hidden, q, S->threads);
+        dense_matvec(L->wk, L->bk, S->h, S->kv_heads * d, hidden, k, S->threads);
+        dense_matvec(L->wv, L->bv, S->h, S->kv_heads * d, hidden, v, S->threads);
+    }
+    rope(q, S->heads, d, cos, sin);
+    rope(k, S->kv_heads, d, cos, sin);
+    for (int64_t g = 0; g < S->kv_heads; g++) {
+        memcpy(L->kcache + (g * S->max_len + pos) * d, k + g * d, d * sizeof(float));
+        memcpy(L->vcache + (g * S->max_len + pos) * d, v + g * d, d * sizeof(float));
+    }
+    float scale = 1.0f / sqrtf((float)d);
+    for (int64_t h = 0; h < S->heads; h++) {
+        const float *qh = q + h * d, *kc = L->kcache + (h / group) * S->max_len * d;
+        const float *vc = L->vcache + (h / group) * S->max_len * d;
+        float top = -INFINITY, total = 0, *out = S->attn + h * d;
+        for (int64_t t = 0; t <= pos; t++) {
+            float s = 0;
+            for (int64_t i = 0; i < d; i++) s += qh[i] * kc[t * d + i];
+            S->scores[t] = s * scale;
+            top = S->scores[t] > top ? S->scores[t] : top;
+        }
+        for (int64_t t = 0; t <= pos; t++) total += S->scores[t] = expf(S->scores[t] - top);
+        memset(out, 0, d * sizeof(float));
+        for (int64_t t = 0; t <= pos; t++)
+            for (int64_t i = 0; i < d; i++) out[i] += S->scores[t] / total * vc[t * d + i];
+    }
+    product(L, S, mode, SITE_O_IN, L->wo, L->o_rows, NULL, S->attn, S->heads * d, hidden, S->o);
+    for (int64_t i = 0; i < hidden; i++) x[i] += S->o[i];
+    rmsnorm(x, L->ln2, hidden, S->eps, S->h);
+    float *gate = S->gate_up, *up = gate + I;
+    if (mode == INPUTS || mode == INPUTS_EVERY) {
+        product(L, S, mode, SITE_FFN_IN, NULL, L->gate_up_rows, NULL, S->h, hidden, 2 * I, gate);
+    } else {
+        dense_matvec(L->wg, NULL, S->h, I, hidden, gate, S->threads);
+    }
+    for (int64_t c = 0; c < I; c++) gate[c] = silu(gate[c]);
+    if (mode == ACT || mode == ACT_EVERY) {
+        const float *t = mode == ACT ? L->act_threshold : S->zero;
+        S->count[SITE_FFN_IN] = sparse_ffn(gate, t, mode == ACT ? L->act_step : 0, I, I, L->blocks, NULL, NULL, S->h, hidden,
+                                      S->index[SITE_FFN_IN], S->active[SITE_FFN_IN], 16, S->partials, S->y, S->threads);
+    } else {
+        if (mode == DENSE) dense_matvec(L->wu, NULL, S->h, I, hidden, up, S->threads);
+        for (int64_t c = 0; c < I; c++) up[c] *= gate[c];
+        product(L, S, mode, SITE_H, L->wd, L->down_rows, NULL, up, I, hidden, S->y);
+    }
+    for (int64_t i = 0; i < hidden; i++) x[i] += S->y[i];
+}
+"""
+
+DENSE, ACT, ACT_EVERY, INPUTS, INPUTS_EVERY = range(5)  # layer_step's modes
+LOGIT_TOLERANCE = 1e-4  # of the logits' scale: float32 rounding through 28 layers stays ~1e-6
+FLIP_DISTANCE = 1e-3  # relative distance from its threshold within which a value's mask may differ by rounding
+SITES = ("attn_in", "o_in", "ffn_in", "h")  # TEAL's thresholded inputs, in the C enum's order
+_POINTERS = ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "ln2", "wg", "wu", "wd", "blocks", "act_threshold",
+             "qkv_rows", "qkv_bias", "o_rows", "gate_up_rows", "down_rows")
+_SCRATCH = ("h", "qkv", "attn", "o", "gate_up", "y", "scores", "partials", "zero")
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_void_p) for name in _POINTERS), ("threshold", ctypes.c_void_p * len(SITES)),
+                ("act_step", ctypes.c_int64), ("step", ctypes.c_int64 * len(SITES)),
+                ("kcache", ctypes.c_void_p), ("vcache", ctypes.c_void_p)]
+
+
+class Step(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "inter", "max_len")),
+                ("eps", ctypes.c_float), ("threads", ctypes.c_int), *((name, ctypes.c_void_p) for name in _SCRATCH),
+                ("active", ctypes.c_void_p * len(SITES)), ("index", ctypes.c_void_p * len(SITES)),
+                ("count", ctypes.c_int64 * len(SITES))]
+
+
+class CDecoder:
+    """The model's decoder layers as C calls on its own weights (Qwen2 or Llama shapes), with the
+    layouts the library's kernels read for one method's thresholds: CATS/CHESS's on ``act``, or
+    TEAL's on the four inputs."""
+
+    def __init__(self, model, thresholds: dict, max_len: int) -> None:
+        self.lib = native.load("c decoding step", kernels._NATIVE_SOURCE + _LAYER_SOURCE, ("-fopenmp",))
+        self.lib.layer_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        components = {component for _, component in thresholds}
+        if components not in ({"act"}, set(SITES)):
+            raise ValueError(f"thresholds on {sorted(components)}: this bench takes act alone, or {SITES}")
+        self.sites = ("act",) if components == {"act"} else SITES
+        self.sparse, self.every = (ACT, ACT_EVERY) if self.sites == ("act",) else (INPUTS, INPUTS_EVERY)
+        config = model.config
+        hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        d, inter = getattr(config, "head_dim", None) or hidden // heads, config.intermediate_size
+        qkv, inputs = (heads + 2 * kv_heads) * d, max(hidden, heads * d, inter)
+        self.keep: list[torch.Tensor] = []  # every buffer the C side points into
+        scratch = [self._buffer(size) for size in (hidden, qkv, heads * d, hidden, 2 * inter, hidden, max_len,
+                                                   16 * max(hidden, qkv, 2 * inter), 1)]
+        self.index = [self._keep(torch.empty(inputs, dtype=torch.int64)) for _ in SITES]
+        self.shape = Step(hidden, heads, kv_heads, d, inter, max_len, config.rms_norm_eps, torch.get_num_threads(),
+                          *scratch, (ctypes.c_void_p * len(SITES))(*(self._buffer(inputs) for _ in SITES)),
+                          (ctypes.c_void_p * len(SITES))(*(i.data_ptr() for i in self.index)))
+        self.layers = [self._layer(number, layer, thresholds, kv_heads * max_len * d)
+                       for number, layer in enumerate(decoder_layers(model))]
+        self.embed, self.norm = model.get_input_embeddings().weight, model.model.norm.weight
+        self.lm_head = kernels.dense_product(model.lm_head.weight.detach().contiguous(), None)
+        self.rotary, self.x = model.model.rotary_emb, torch.empty(hidden)
+
+    def _layer(self, number: int, layer, thresholds: dict, cache_size: int) -> Layer:
+        attention, mlp = layer.self_attn, layer.mlp
+        weights = dict(
+            ln1=layer.input_layernorm.weight, wq=attention.q_proj.weight, bq=attention.q_proj.bias,
+            wk=attention.k_proj.weight, bk=attention.k_proj.bias, wv=attention.v_proj.weight, bv=attention.v_proj.bias,
+            wo=attention.o_proj.weight, ln2=layer.post_attention_layernorm.weight, wg=mlp.gate_proj.weight,
+            wu=mlp.up_proj.weight, wd=mlp.down_proj.weight)
+        threshold = {site: torch.as_tensor(thresholds[(number, site)], dtype=torch.float32).reshape(-1).contiguous()
+                     for site in self.sites}
+        if self.sites == ("act",):
+            weights |= dict(blocks=torch.cat([mlp.up_proj.weight, mlp.down_proj.weight.t()], dim=1),
+                            act_threshold=threshold["act"])
+        else:
+            projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+            biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in projections]
+            weights |= dict(qkv_rows=torch.cat([p.weight for p in projections]).t(), qkv_bias=torch.cat(biases),
+                            o_rows=attention.o_proj.weight.t(),
+                            gate_up_rows=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t(),
+                            down_rows=mlp.down_proj.weight.t())
+        pointers = {name: None if w is None else self._keep(w.detach().contiguous()).data_ptr()
+                    for name, w in weights.items()}
+        sites = [threshold.get(site) for site in SITES]
+        return Layer(**pointers, threshold=(ctypes.c_void_p * len(SITES))(*(
+                         None if t is None else self._keep(t).data_ptr() for t in sites)),
+                     act_step=int(threshold.get("act", torch.zeros(1)).numel() > 1),
+                     step=(ctypes.c_int64 * len(SITES))(*(int(t is not None and t.numel() > 1) for t in sites)),
+                     kcache=self._buffer(cache_size), vcache=self._buffer(cache_size))
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        self.keep.append(t)
+        return t
+
+    def _buffer(self, size: int) -> int:
+        return self._keep(torch.zeros(size)).data_ptr()
+
+    @torch.inference_mode()
+    def step(self, token: int, pos: int, mode: int, active: list[dict] | None = None) -> torch.Tensor:
+        """The logits after ``token`` at position ``pos``, the products read as ``mode`` says.
+        ``active``, if given, gets each layer's active channels per thresholded site."""
+        cos, sin = (t[0, 0].contiguous() for t in self.rotary(self.x[None, None], torch.tensor([[pos]])))
+        x = self.x
+        x.copy_(self.embed[token])
+        for layer in self.layers:
+            self.lib.layer_step(ctypes.addressof(layer), ctypes.addressof(self.shape), x.data_ptr(), pos,
+                                cos.data_ptr(), sin.data_ptr(), mode)
+            if active is not None:
+                slots = {"act": SITES.index("ffn_in")} | {site: SITES.index(site) for site in SITES}
+                active.append({site: self.index[slots[site]][: self.shape.count[slots[site]]].clone()
+                               for site in self.sites})
+        h = x * torch.rsqrt(x.pow(2).mean() + self.shape.eps) * self.norm
+        return self.lm_head(h)
+
+
+def _hooked_modules(layer, site: str) -> list[tuple[torch.nn.Module, bool]]:
+    """(module, whether its output is masked rather than its input) for one thresholded site."""
+    attention, mlp = layer.self_attn, layer.mlp
+    return {"act": [(mlp.act_fn, True)], "attn_in": [(attention.q_proj, False), (attention.k_proj, False),
+            (attention.v_proj, False)], "o_in": [(attention.o_proj, False)],
+            "ffn_in": [(mlp.gate_proj, False), (mlp.up_proj, False)], "h": [(mlp.down_proj, False)]}[site]
+
+
+def check(model, decoder: CDecoder, thresholds: dict, tokens: torch.Tensor) -> None:
+    """The C steps' last logits against PyTorch's forward over the same tokens: dense, and masked
+    with the channels the C steps kept. A threshold is a step function: where the two compute its
+    input in another order (RMSNorm, attention), a value within rounding of the threshold is kept
+    on one side only, and on the 1.5B's massive activations those few flips grow through the
+    layers (~1e-1 of the logits' scale after 16 tokens). So the masked reference takes the C steps'
+    masks, and the channels where they differ from its own thresholding are counted, with how far
+    its values lie from the threshold there."""
+    for pos, token in enumerate(tokens.tolist()):
+        logits = decoder.step(token, pos, DENSE)
+    with torch.inference_mode():
+        _compare("dense", logits, model(tokens[None]).logits[0, -1])
+    masks: list[list[dict]] = []  # [position][layer][site] active channels of the C steps
+    for pos, token in enumerate(tokens.tolist()):
+        masks.append([])
+        logits = decoder.step(token, pos, decoder.sparse, masks[-1])
+    tally = {"flips": 0, "checked": 0, "nearest": 0.0}
+
+    def masked(values: torch.Tensor, number: int, site: str) -> torch.Tensor:
+        t = torch.as_tensor(thresholds[(number, site)], dtype=torch.float32)
+        kept = torch.zeros_like(values[0])
+        for pos in range(values.shape[1]):
+            kept[pos, masks[pos][number][site]] = 1
+        differ = kept != ((values[0].abs() >= t) & (values[0] != 0)).float()
+        tally["flips"] += int(differ.sum())
+        tally["checked"] += differ.numel()
+        if differ.any():
+            distance = ((values[0].abs() - t).abs() / t.expand_as(values[0]))[differ]
+            tally["nearest"] = max(tally["nearest"], float(distance.max()))
+        return values * kept
+
+    hooks = []
+    for number, layer in enumerate(decoder_layers(model)):
+        for site in decoder.sites:
+            for module, on_output in _hooked_modules(layer, site):
+                if on_output:
+                    hook = module.register_forward_hook(lambda m, i, out, n=number, s=site: masked(out, n, s))
+                else:
+                    hook = module.register_forward_pre_hook(lambda m, i, n=number, s=site: (masked(i[0], n, s),))
+                hooks.append(hook)
+    try:
+        with torch.inference_mode():
+            expected = model(tokens[None]).logits[0, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    _compare("thresholded (the C steps' masks)", logits, expected)
+    print(f"  values whose C mask differs from thresholding PyTorch's own: {tally['flips']} of {tally['checked']}, "
+          f"each within {tally['nearest']:.1e} of the threshold (relative)", flush=True)
+    if tally["nearest"] > FLIP_DISTANCE:
+        raise AssertionError(f"the C steps' masks differ from thresholding by more than rounding: a value "
+                             f"{tally['nearest']:.1e} (relative) from its threshold")
+
+
+def _compare(label: str, logits: torch.Tensor, expected: torch.Tensor) -> None:
+    diff = float((logits - expected).abs().max()) / float(expected.abs().max())
+    print(f"C {label} step against PyTorch: max |logit diff| {diff:.1e} of scale, "
+          f"argmax {'equal' if logits.argmax() == expected.argmax() else 'DIFFERENT'}", flush=True)
+    if diff > LOGIT_TOLERANCE:
+        raise AssertionError(f"the C {label} step computes something else than PyTorch: {diff:.1e} of the logits' scale")
+
+
+def time_c_steps(decoder: CDecoder, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[int, float]:
+    """Median seconds of each kind of C step (dense, kernels keeping every channel, sparse),
+    rotating step by step after an untimed prompt."""
+    modes = (DENSE, decoder.every, decoder.sparse)
+    seconds: dict[int, list[float]] = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for pos, token in enumerate(prompt.tolist()):
+            logits = decoder.step(token, pos, DENSE)
+        for i in range(new_tokens):
+            mode = modes[i % len(modes)]
+            started = time.perf_counter()
+            logits = decoder.step(int(logits.argmax()), len(prompt) + i, mode)
+            seconds[mode].append(time.perf_counter() - started)
+    return {mode: statistics.median(s) for mode, s in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--thresholds", required=True)
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    model, tokenizer = models.load_model(Path(args.model_dir), "cpu", "float32", own_memory=True)
+    text = corpora.load_corpus(Path(args.corpus))["input_ids"][: args.prompt_tokens - 1]
+    prompt = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])
+    thresholds, metadata = methods.load_thresholds(Path(args.thresholds))
+    label = f"{metadata['method']} {metadata.get('target_sparsity', '')}"
+    decoder = CDecoder(model, thresholds, len(prompt) + args.new_tokens)
+    check(model, decoder, thresholds, prompt[:16])
+    c = time_c_steps(decoder, prompt, args.new_tokens, args.repeats)
+    dense, every, sparse = c[DENSE], c[decoder.every], c[decoder.sparse]
+    print(f"{label}, C steps (ms): dense {1e3 * dense:.1f}, kernels keeping every channel {1e3 * every:.1f}, "
+          f"sparse {1e3 * sparse:.1f}: speedup over the faster dense {min(dense, every) / sparse:.3f}", flush=True)
+    del decoder  # its layouts, before decode_speed builds its own
+    speed = kernels.decode_speed(model, thresholds, prompt, args.new_tokens, args.repeats)
+    print(f"{label}, PyTorch's modules (decode_speed, same run): native dense {1e3 / speed['native_dense_tps']:.1f} ms, "
+          f"kernel every channel {1e3 / speed['kernel_dense_tps']:.1f}, sparse {1e3 / speed['sparse_tps']:.1f}: "
+          f"fair speedup {speed['fair_speedup']:.3f} (bound {speed['bound']:.3f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
