@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,6 +18,16 @@ FAMILIES = tuple(TINY_FAMILIES)
 
 # Tiny models run fastest on one thread; a thread pool only adds contention on small CPUs.
 torch.set_num_threads(1)
+
+
+def bench_module(name: str) -> ModuleType:
+    """The script ``bench/{name}.py`` as a module (loaded once), for tests of a benchmark's checks."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")

