@@ -16,7 +16,7 @@ from actsparse.models import tiny_model
 from conftest import bench_module
 
 PROMPT = torch.tensor([256, *b"The cat sat on the mat."])
-COMPONENTS = {"cats": ("act",), "teal": ("attn_in", "o_in", "ffn_in", "h")}
+COMPONENTS = {"cats": ("act",), "chess": ("act",), "teal": ("attn_in", "o_in", "ffn_in", "h")}
 
 
 @cache
@@ -34,12 +34,15 @@ def _values(family: str, method: str) -> dict:
 
 
 def _medians(family: str, method: str) -> dict:
-    """Per (layer, component) the median |value| over the prompt: thresholds zeroing half."""
+    """Per (layer, component) the median |value| over the prompt: thresholds zeroing half; CHESS's
+    one per channel."""
+    if method == "chess":
+        return {key: v.abs().median(dim=0).values for key, v in _values(family, method).items()}
     return {key: float(np.median(v.abs().flatten().numpy())) for key, v in _values(family, method).items()}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("method", ["cats", "teal"])
+@pytest.mark.parametrize("method", ["cats", "chess", "teal"])
 def test_c_steps_equal_pytorch_dense_and_masked(family, method, capsys):
     bench = bench_module("bench_c_step")
     thresholds = _medians(family, method)
