@@ -7,7 +7,8 @@ the AMD EPYC VM ~38 ms of a ~170 ms 1.5B step lie outside the products).
 
 Three kinds of C step rotate step by step (as ``decode_speed``'s sides): dense (every product on
 the C matvec), the kernels keeping every channel, and the kernels with the thresholds: CATS or
-CHESS on ``act`` (the FFN kernel; attention dense), or TEAL's four inputs (every projection).
+CHESS on ``act`` (the FFN kernel; attention dense), CHESS+ (that and q and o on their inputs), or
+TEAL's four inputs (every projection).
 Printed: median step times, the sparse step's speedup over the faster dense one, the same model's
 ``decode_speed`` (PyTorch's modules around the same products) in the same run, and the C steps'
 logits against PyTorch's, dense and masked (``check``), which fails the run if they differ.
@@ -29,18 +30,21 @@ from pathlib import Path
 import torch
 
 from actsparse import corpora, kernels, methods, models, native
-from actsparse.anatomy import decoder_layers
+from actsparse.anatomy import anatomy_of, decoder_layers
 
 _LAYER_SOURCE = r"""
-enum { DENSE, ACT, ACT_EVERY, INPUTS, INPUTS_EVERY }; /* how a step reads the layer's products */
-enum { SITE_ATTN_IN, SITE_O_IN, SITE_FFN_IN, SITE_H, SITES }; /* thresholded inputs (TEAL's four) */
+enum { DENSE, EVERY, SPARSE }; /* a step's products: all dense; sparse ones keeping every channel; thresholded */
+enum { SITE_ATTN_IN, SITE_O_IN, SITE_FFN_IN, SITE_H, SITE_ACT, SITES }; /* what a threshold reads */
 
+/* One decoder layer's weights; the layouts that are set (not NULL) say which products its sparse
+   steps run on the library's kernels: act's FFN kernel (blocks), or the products of thresholded
+   inputs (the weights transposed; qkv_rows covers q alone, or q, k and v: qkv_out outputs) */
 typedef struct {
     const float *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *ln2, *wg, *wu, *wd;
-    const float *blocks, *act_threshold; /* ACT: [up row | down column] per channel, act(gate)'s threshold */
-    const float *qkv_rows, *qkv_bias, *o_rows, *gate_up_rows, *down_rows; /* INPUTS: the weights transposed */
+    const float *blocks, *qkv_rows, *qkv_bias, *o_rows, *gate_up_rows, *down_rows;
+    int64_t qkv_out;
     const float *threshold[SITES];
-    int64_t act_step, step[SITES]; /* 0: a scalar threshold, 1: one per channel */
+    int64_t step[SITES]; /* 0: a scalar threshold, 1: one per channel */
     float *kcache, *vcache; /* [kv_heads][max_len][head_dim] */
 } Layer;
 
@@ -50,7 +54,7 @@ typedef struct {
     int threads;
     float *h, *qkv, *attn, *o, *gate_up, *y, *scores, *partials, *zero;
     float *active[SITES];
-    int64_t *index[SITES]; /* the active channels of the step's last call at each site (ACT: SITE_FFN_IN's) */
+    int64_t *index[SITES]; /* the active channels of the step's last call at each site */
     int64_t count[SITES];
 } Step;
 
@@ -74,28 +78,30 @@ static void rope(float *x, int64_t count, int64_t d, const float *cos, const flo
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
 
-/* y = w x + bias, densely, or (INPUTS modes) over the inputs the site's threshold keeps, as the
-   library's SparseInputLinear does: 16 parts up to 2048 outputs, else split by output columns */
+/* y = w x + bias: on the C matvec, or, where the layer has the transposed rows and the step is not
+   dense, over the inputs the site's threshold keeps (every nonzero one in EVERY), as the library's
+   SparseInputLinear does: 16 parts up to 2048 outputs, else split by output columns */
 static void product(const Layer *L, Step *S, int mode, int site, const float *w, const float *rows,
                     const float *bias, const float *x, int64_t in, int64_t out, float *y) {
-    if (mode != INPUTS && mode != INPUTS_EVERY) {
+    if (mode == DENSE || !rows) {
         dense_matvec(w, bias, x, out, in, y, S->threads);
         return;
     }
-    const float *t = mode == INPUTS ? L->threshold[site] : S->zero;
-    S->count[site] = sparse_linear(x, t, mode == INPUTS ? L->step[site] : 0, in, in, rows, bias, out, S->index[site],
-                                   S->active[site], out <= 2048 ? 16 : 0, S->partials, y, S->threads);
+    int sparse = mode == SPARSE;
+    S->count[site] = sparse_linear(x, sparse ? L->threshold[site] : S->zero, sparse ? L->step[site] : 0, in, in, rows,
+                                   bias, out, S->index[site], S->active[site], out <= 2048 ? 16 : 0, S->partials, y,
+                                   S->threads);
 }
 
 /* x <- one decoder layer of x at position pos, its products read as `mode` says */
 void layer_step(const Layer *L, Step *S, float *x, int64_t pos, const float *cos, const float *sin, int mode) {
     int64_t hidden = S->hidden, d = S->head_dim, group = S->heads / S->kv_heads, I = S->inter;
-    float *q = S->qkv, *k = q + S->heads * d, *v = k + S->kv_heads * d;
+    float *q = S->qkv, *k = q + S->heads * d, *v = k + S->kv_heads * d, *gate = S->gate_up, *up = gate + I;
+    int sparse_qkv = mode != DENSE && L->qkv_rows, sparse_ffn_in = mode != DENSE && L->gate_up_rows;
     rmsnorm(x, L->ln1, hidden, S->eps, S->h);
-    if (mode == INPUTS || mode == INPUTS_EVERY) {
-        product(L, S, mode, SITE_ATTN_IN, NULL, L->qkv_rows, L->qkv_bias, S->h, hidden, (S->heads + 2 * S->kv_heads) * d, q);
-    } else {
-        dense_matvec(L->wq, L->bq, S->h, S->heads * d, hidden, q, S->threads);
+    if (sparse_qkv) product(L, S, mode, SITE_ATTN_IN, NULL, L->qkv_rows, L->qkv_bias, S->h, hidden, L->qkv_out, q);
+    else dense_matvec(L->wq, L->bq, S->h, S->heads * d, hidden, q, S->threads);
+    if (!sparse_qkv || L->qkv_out == S->heads * d) { /* k and v dense (all, or CHESS+'s kv_dense) */
         dense_matvec(L->wk, L->bk, S->h, S->kv_heads * d, hidden, k, S->threads);
         dense_matvec(L->wv, L->bv, S->h, S->kv_heads * d, hidden, v, S->threads);
     }
@@ -124,19 +130,16 @@ void layer_step(const Layer *L, Step *S, float *x, int64_t pos, const float *cos
     product(L, S, mode, SITE_O_IN, L->wo, L->o_rows, NULL, S->attn, S->heads * d, hidden, S->o);
     for (int64_t i = 0; i < hidden; i++) x[i] += S->o[i];
     rmsnorm(x, L->ln2, hidden, S->eps, S->h);
-    float *gate = S->gate_up, *up = gate + I;
-    if (mode == INPUTS || mode == INPUTS_EVERY) {
-        product(L, S, mode, SITE_FFN_IN, NULL, L->gate_up_rows, NULL, S->h, hidden, 2 * I, gate);
-    } else {
-        dense_matvec(L->wg, NULL, S->h, I, hidden, gate, S->threads);
-    }
+    if (sparse_ffn_in) product(L, S, mode, SITE_FFN_IN, NULL, L->gate_up_rows, NULL, S->h, hidden, 2 * I, gate);
+    else dense_matvec(L->wg, NULL, S->h, I, hidden, gate, S->threads);
     for (int64_t c = 0; c < I; c++) gate[c] = silu(gate[c]);
-    if (mode == ACT || mode == ACT_EVERY) {
-        const float *t = mode == ACT ? L->act_threshold : S->zero;
-        S->count[SITE_FFN_IN] = sparse_ffn(gate, t, mode == ACT ? L->act_step : 0, I, I, L->blocks, NULL, NULL, S->h, hidden,
-                                      S->index[SITE_FFN_IN], S->active[SITE_FFN_IN], 16, S->partials, S->y, S->threads);
+    if (mode != DENSE && L->blocks) {
+        int sparse = mode == SPARSE;
+        S->count[SITE_ACT] = sparse_ffn(gate, sparse ? L->threshold[SITE_ACT] : S->zero, sparse ? L->step[SITE_ACT] : 0,
+                                        I, I, L->blocks, NULL, NULL, S->h, hidden, S->index[SITE_ACT],
+                                        S->active[SITE_ACT], 16, S->partials, S->y, S->threads);
     } else {
-        if (mode == DENSE) dense_matvec(L->wu, NULL, S->h, I, hidden, up, S->threads);
+        if (!sparse_ffn_in) dense_matvec(L->wu, NULL, S->h, I, hidden, up, S->threads);
         for (int64_t c = 0; c < I; c++) up[c] *= gate[c];
         product(L, S, mode, SITE_H, L->wd, L->down_rows, NULL, up, I, hidden, S->y);
     }
@@ -144,18 +147,18 @@ void layer_step(const Layer *L, Step *S, float *x, int64_t pos, const float *cos
 }
 """
 
-DENSE, ACT, ACT_EVERY, INPUTS, INPUTS_EVERY = range(5)  # layer_step's modes
+DENSE, EVERY, SPARSE = range(3)  # layer_step's modes
+SITES = ("attn_in", "o_in", "ffn_in", "h", "act")  # what a threshold reads, in the C enum's order
 LOGIT_TOLERANCE = 1e-4  # of the logits' scale: float32 rounding through 28 layers stays ~1e-6
 FLIP_DISTANCE = 1e-3  # relative distance from its threshold within which a value's mask may differ by rounding
-SITES = ("attn_in", "o_in", "ffn_in", "h")  # TEAL's thresholded inputs, in the C enum's order
-_POINTERS = ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "ln2", "wg", "wu", "wd", "blocks", "act_threshold",
-             "qkv_rows", "qkv_bias", "o_rows", "gate_up_rows", "down_rows")
+_POINTERS = ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "ln2", "wg", "wu", "wd", "blocks", "qkv_rows", "qkv_bias",
+             "o_rows", "gate_up_rows", "down_rows")
 _SCRATCH = ("h", "qkv", "attn", "o", "gate_up", "y", "scores", "partials", "zero")
 
 
 class Layer(ctypes.Structure):
-    _fields_ = [*((name, ctypes.c_void_p) for name in _POINTERS), ("threshold", ctypes.c_void_p * len(SITES)),
-                ("act_step", ctypes.c_int64), ("step", ctypes.c_int64 * len(SITES)),
+    _fields_ = [*((name, ctypes.c_void_p) for name in _POINTERS), ("qkv_out", ctypes.c_int64),
+                ("threshold", ctypes.c_void_p * len(SITES)), ("step", ctypes.c_int64 * len(SITES)),
                 ("kcache", ctypes.c_void_p), ("vcache", ctypes.c_void_p)]
 
 
@@ -168,18 +171,18 @@ class Step(ctypes.Structure):
 
 class CDecoder:
     """The model's decoder layers as C calls on its own weights (Qwen2 or Llama shapes), with the
-    layouts the library's kernels read for one method's thresholds: CATS/CHESS's on ``act``, or
-    TEAL's on the four inputs."""
+    layouts the library's kernels read for the thresholded sites: the FFN kernel's for ``act``
+    (CATS, CHESS), the transposed weights of the projections an input feeds for ``attn_in``,
+    ``o_in``, ``ffn_in`` and ``h`` (TEAL; CHESS+'s ``attn_in`` with ``kv_dense``: q alone)."""
 
-    def __init__(self, model, thresholds: dict, max_len: int) -> None:
+    def __init__(self, model, thresholds: dict, max_len: int, kv_dense: bool = False) -> None:
         self.lib = native.load("c decoding step", kernels._NATIVE_SOURCE + _LAYER_SOURCE, ("-fopenmp",))
         self.lib.layer_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         components = {component for _, component in thresholds}
-        if components not in ({"act"}, set(SITES)):
-            raise ValueError(f"thresholds on {sorted(components)}: this bench takes act alone, or {SITES}")
-        self.sites = ("act",) if components == {"act"} else SITES
-        self.sparse, self.every = (ACT, ACT_EVERY) if self.sites == ("act",) else (INPUTS, INPUTS_EVERY)
+        if not components <= set(SITES) or {"act", "ffn_in"} <= components or {"act", "h"} <= components:
+            raise ValueError(f"thresholds on {sorted(components)}: this bench takes {SITES}, act without ffn_in or h")
+        self.sites, self.kv_dense = tuple(site for site in SITES if site in components), kv_dense
         config = model.config
         hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         d, inter = getattr(config, "head_dim", None) or hidden // heads, config.intermediate_size
@@ -206,22 +209,25 @@ class CDecoder:
             wu=mlp.up_proj.weight, wd=mlp.down_proj.weight)
         threshold = {site: torch.as_tensor(thresholds[(number, site)], dtype=torch.float32).reshape(-1).contiguous()
                      for site in self.sites}
-        if self.sites == ("act",):
-            weights |= dict(blocks=torch.cat([mlp.up_proj.weight, mlp.down_proj.weight.t()], dim=1),
-                            act_threshold=threshold["act"])
-        else:
-            projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-            biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in projections]
-            weights |= dict(qkv_rows=torch.cat([p.weight for p in projections]).t(), qkv_bias=torch.cat(biases),
-                            o_rows=attention.o_proj.weight.t(),
-                            gate_up_rows=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t(),
-                            down_rows=mlp.down_proj.weight.t())
+        qkv_out = 0
+        if "act" in threshold:
+            weights["blocks"] = torch.cat([mlp.up_proj.weight, mlp.down_proj.weight.t()], dim=1)
+        if "attn_in" in threshold:
+            fed = [p for p, _ in _hooked_modules(layer, "attn_in", self.kv_dense)]
+            weights |= dict(qkv_rows=torch.cat([p.weight for p in fed]).t(), qkv_bias=torch.cat(
+                [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in fed]))
+            qkv_out = sum(p.out_features for p in fed)
+        if "o_in" in threshold:
+            weights["o_rows"] = attention.o_proj.weight.t()
+        if "ffn_in" in threshold:
+            weights["gate_up_rows"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t()
+        if "h" in threshold:
+            weights["down_rows"] = mlp.down_proj.weight.t()
         pointers = {name: None if w is None else self._keep(w.detach().contiguous()).data_ptr()
                     for name, w in weights.items()}
         sites = [threshold.get(site) for site in SITES]
-        return Layer(**pointers, threshold=(ctypes.c_void_p * len(SITES))(*(
+        return Layer(**pointers, qkv_out=qkv_out, threshold=(ctypes.c_void_p * len(SITES))(*(
                          None if t is None else self._keep(t).data_ptr() for t in sites)),
-                     act_step=int(threshold.get("act", torch.zeros(1)).numel() > 1),
                      step=(ctypes.c_int64 * len(SITES))(*(int(t is not None and t.numel() > 1) for t in sites)),
                      kcache=self._buffer(cache_size), vcache=self._buffer(cache_size))
 
@@ -243,18 +249,17 @@ class CDecoder:
             self.lib.layer_step(ctypes.addressof(layer), ctypes.addressof(self.shape), x.data_ptr(), pos,
                                 cos.data_ptr(), sin.data_ptr(), mode)
             if active is not None:
-                slots = {"act": SITES.index("ffn_in")} | {site: SITES.index(site) for site in SITES}
-                active.append({site: self.index[slots[site]][: self.shape.count[slots[site]]].clone()
-                               for site in self.sites})
+                active.append({site: self.index[slot][: self.shape.count[slot]].clone()
+                               for slot, site in enumerate(SITES) if site in self.sites})
         h = x * torch.rsqrt(x.pow(2).mean() + self.shape.eps) * self.norm
         return self.lm_head(h)
 
 
-def _hooked_modules(layer, site: str) -> list[tuple[torch.nn.Module, bool]]:
+def _hooked_modules(layer, site: str, kv_dense: bool) -> list[tuple[torch.nn.Module, bool]]:
     """(module, whether its output is masked rather than its input) for one thresholded site."""
     attention, mlp = layer.self_attn, layer.mlp
-    return {"act": [(mlp.act_fn, True)], "attn_in": [(attention.q_proj, False), (attention.k_proj, False),
-            (attention.v_proj, False)], "o_in": [(attention.o_proj, False)],
+    attn_in = [attention.q_proj] if kv_dense else [attention.q_proj, attention.k_proj, attention.v_proj]
+    return {"act": [(mlp.act_fn, True)], "attn_in": [(m, False) for m in attn_in], "o_in": [(attention.o_proj, False)],
             "ffn_in": [(mlp.gate_proj, False), (mlp.up_proj, False)], "h": [(mlp.down_proj, False)]}[site]
 
 
@@ -273,7 +278,7 @@ def check(model, decoder: CDecoder, thresholds: dict, tokens: torch.Tensor) -> N
     masks: list[list[dict]] = []  # [position][layer][site] active channels of the C steps
     for pos, token in enumerate(tokens.tolist()):
         masks.append([])
-        logits = decoder.step(token, pos, decoder.sparse, masks[-1])
+        logits = decoder.step(token, pos, SPARSE, masks[-1])
     tally = {"flips": 0, "checked": 0, "nearest": 0.0}
 
     def masked(values: torch.Tensor, number: int, site: str) -> torch.Tensor:
@@ -292,7 +297,7 @@ def check(model, decoder: CDecoder, thresholds: dict, tokens: torch.Tensor) -> N
     hooks = []
     for number, layer in enumerate(decoder_layers(model)):
         for site in decoder.sites:
-            for module, on_output in _hooked_modules(layer, site):
+            for module, on_output in _hooked_modules(layer, site, decoder.kv_dense):
                 if on_output:
                     hook = module.register_forward_hook(lambda m, i, out, n=number, s=site: masked(out, n, s))
                 else:
@@ -323,7 +328,7 @@ def _compare(label: str, logits: torch.Tensor, expected: torch.Tensor) -> None:
 def time_c_steps(decoder: CDecoder, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[int, float]:
     """Median seconds of each kind of C step (dense, kernels keeping every channel, sparse),
     rotating step by step after an untimed prompt."""
-    modes = (DENSE, decoder.every, decoder.sparse)
+    modes = (DENSE, EVERY, SPARSE)
     seconds: dict[int, list[float]] = {mode: [] for mode in modes}
     for _ in range(repeats):
         for pos, token in enumerate(prompt.tolist()):
@@ -350,14 +355,15 @@ def main() -> None:
     prompt = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])
     thresholds, metadata = methods.load_thresholds(Path(args.thresholds))
     label = f"{metadata['method']} {metadata.get('target_sparsity', '')}"
-    decoder = CDecoder(model, thresholds, len(prompt) + args.new_tokens)
+    kv_dense = methods.requirements(metadata["method"], gated=anatomy_of(model).gated).kv_dense
+    decoder = CDecoder(model, thresholds, len(prompt) + args.new_tokens, kv_dense)
     check(model, decoder, thresholds, prompt[:16])
     c = time_c_steps(decoder, prompt, args.new_tokens, args.repeats)
-    dense, every, sparse = c[DENSE], c[decoder.every], c[decoder.sparse]
+    dense, every, sparse = c[DENSE], c[EVERY], c[SPARSE]
     print(f"{label}, C steps (ms): dense {1e3 * dense:.1f}, kernels keeping every channel {1e3 * every:.1f}, "
           f"sparse {1e3 * sparse:.1f}: speedup over the faster dense {min(dense, every) / sparse:.3f}", flush=True)
     del decoder  # its layouts, before decode_speed builds its own
-    speed = kernels.decode_speed(model, thresholds, prompt, args.new_tokens, args.repeats)
+    speed = kernels.decode_speed(model, thresholds, prompt, args.new_tokens, args.repeats, kv_dense=kv_dense)
     print(f"{label}, PyTorch's modules (decode_speed, same run): native dense {1e3 / speed['native_dense_tps']:.1f} ms, "
           f"kernel every channel {1e3 / speed['kernel_dense_tps']:.1f}, sparse {1e3 / speed['sparse_tps']:.1f}: "
           f"fair speedup {speed['fair_speedup']:.3f} (bound {speed['bound']:.3f})", flush=True)

@@ -16,7 +16,8 @@ from actsparse.models import tiny_model
 from conftest import bench_module
 
 PROMPT = torch.tensor([256, *b"The cat sat on the mat."])
-COMPONENTS = {"cats": ("act",), "chess": ("act",), "teal": ("attn_in", "o_in", "ffn_in", "h")}
+COMPONENTS = {"cats": ("act",), "chess": ("act",), "chess+": ("act", "attn_in", "o_in"),
+              "teal": ("attn_in", "o_in", "ffn_in", "h")}
 
 
 @cache
@@ -42,21 +43,22 @@ def _medians(family: str, method: str) -> dict:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("method", ["cats", "chess", "teal"])
+@pytest.mark.parametrize("method", ["cats", "chess", "chess+", "teal"])
 def test_c_steps_equal_pytorch_dense_and_masked(family, method, capsys):
+    """CHESS+ keeps k and v dense (kv_dense): its attn_in threshold feeds q alone."""
     bench = bench_module("bench_c_step")
     thresholds = _medians(family, method)
-    decoder = bench.CDecoder(_model(family), thresholds, len(PROMPT) + 4)
+    decoder = bench.CDecoder(_model(family), thresholds, len(PROMPT) + 4, kv_dense=method == "chess+")
     bench.check(_model(family), decoder, thresholds, PROMPT)
     printed = capsys.readouterr().out
     assert printed.count("argmax equal") == 2
     active: list[dict] = []  # per layer, per thresholded site: the channels the first token kept
-    decoder.step(int(PROMPT[0]), 0, decoder.sparse, active)
+    decoder.step(int(PROMPT[0]), 0, bench.SPARSE, active)
     kept = sum(len(channels) for layer in active for channels in layer.values())
     channels = sum(v.shape[-1] for v in _values(family, method).values())
     assert len(active) == len(decoder_layers(_model(family))) and 0.1 < kept / channels < 0.9
     seconds = bench.time_c_steps(decoder, PROMPT[:4], 4, 1)
-    assert set(seconds) == {bench.DENSE, decoder.every, decoder.sparse} and min(seconds.values()) > 0
+    assert set(seconds) == {bench.DENSE, bench.EVERY, bench.SPARSE} and min(seconds.values()) > 0
 
 
 def test_the_check_fails_when_the_c_steps_threshold_otherwise():
@@ -70,8 +72,11 @@ def test_the_check_fails_when_the_c_steps_threshold_otherwise():
         bench.check(_model("qwen2"), decoder, medians, PROMPT)
 
 
-def test_thresholds_of_another_method_are_refused_by_name():
+@pytest.mark.parametrize("extra", ["ffn_in", "gate"])
+def test_thresholds_the_layer_cannot_take_are_refused_by_name(extra):
+    """act and an FFN input both (the library's sparse decoding refuses it too), or a component
+    no kernel reads."""
     bench = bench_module("bench_c_step")
-    thresholds = _medians("llama", "cats") | {(0, "o_in"): 0.1}
-    with pytest.raises(ValueError, match="o_in"):
+    thresholds = _medians("llama", "cats") | {(0, extra): 0.1}
+    with pytest.raises(ValueError, match=extra):
         bench.CDecoder(_model("llama"), thresholds, 8)
