@@ -31,6 +31,7 @@ import torch
 
 from actsparse import corpora, kernels, methods, models, native
 from actsparse.anatomy import anatomy_of, decoder_layers
+from actsparse.hooks import hook_sites
 
 _LAYER_SOURCE = r"""
 enum { DENSE, EVERY, SPARSE }; /* a step's products: all dense; sparse ones keeping every channel; thresholded */
@@ -170,19 +171,18 @@ class Step(ctypes.Structure):
 
 
 class CDecoder:
-    """The model's decoder layers as C calls on its own weights (Qwen2 or Llama shapes), with the
-    layouts the library's kernels read for the thresholded sites: the FFN kernel's for ``act``
-    (CATS, CHESS), the transposed weights of the projections an input feeds for ``attn_in``,
-    ``o_in``, ``ffn_in`` and ``h`` (TEAL; CHESS+'s ``attn_in`` with ``kv_dense``: q alone)."""
+    """The model's decoder layers as C calls on its own weights (Qwen2 or Llama shapes), reading
+    the very layouts and thresholds ``kernels.sparsify_for_decode`` builds for the library's
+    kernels: ``act``'s FFN blocks (CATS, CHESS), and for a thresholded input the stacked,
+    transposed weights of the projections it feeds (TEAL; CHESS+'s ``attn_in`` with
+    ``kv_dense``: q alone). Bad thresholds fail there, by name."""
 
     def __init__(self, model, thresholds: dict, max_len: int, kv_dense: bool = False) -> None:
         self.lib = native.load("c decoding step", kernels._NATIVE_SOURCE + _LAYER_SOURCE, ("-fopenmp",))
         self.lib.layer_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        components = {component for _, component in thresholds}
-        if not components <= set(SITES) or {"act", "ffn_in"} <= components or {"act", "h"} <= components:
-            raise ValueError(f"thresholds on {sorted(components)}: this bench takes {SITES}, act without ffn_in or h")
-        self.sites, self.kv_dense = tuple(site for site in SITES if site in components), kv_dense
+        self.sites = tuple(site for site in SITES if any(component == site for _, component in thresholds))
+        self.kv_dense = kv_dense
         config = model.config
         hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         d, inter = getattr(config, "head_dim", None) or hidden // heads, config.intermediate_size
@@ -194,41 +194,38 @@ class CDecoder:
         self.shape = Step(hidden, heads, kv_heads, d, inter, max_len, config.rms_norm_eps, torch.get_num_threads(),
                           *scratch, (ctypes.c_void_p * len(SITES))(*(self._buffer(inputs) for _ in SITES)),
                           (ctypes.c_void_p * len(SITES))(*(i.data_ptr() for i in self.index)))
-        self.layers = [self._layer(number, layer, thresholds, kv_heads * max_len * d)
-                       for number, layer in enumerate(decoder_layers(model))]
+        with kernels.sparsify_for_decode(model, thresholds, kernel="native", kv_dense=kv_dense) as handle:
+            self.layers = [self._layer(layer, kv_heads * max_len * d) for layer in decoder_layers(model)]
+        self.kernels = handle  # holds the layouts the layers point into
         self.embed, self.norm = model.get_input_embeddings().weight, model.model.norm.weight
-        self.lm_head = kernels.dense_product(model.lm_head.weight.detach().contiguous(), None)
+        self.lm_head = kernels.dense_product(model.lm_head.weight, None)
         self.rotary, self.x = model.model.rotary_emb, torch.empty(hidden)
 
-    def _layer(self, number: int, layer, thresholds: dict, cache_size: int) -> Layer:
+    def _layer(self, layer, cache_size: int) -> Layer:
+        """One layer's pointers while the sparse modules are attached: each module says whether
+        its product runs sparse, on which layout, at which threshold."""
         attention, mlp = layer.self_attn, layer.mlp
-        weights = dict(
-            ln1=layer.input_layernorm.weight, wq=attention.q_proj.weight, bq=attention.q_proj.bias,
-            wk=attention.k_proj.weight, bk=attention.k_proj.bias, wv=attention.v_proj.weight, bv=attention.v_proj.bias,
-            wo=attention.o_proj.weight, ln2=layer.post_attention_layernorm.weight, wg=mlp.gate_proj.weight,
-            wu=mlp.up_proj.weight, wd=mlp.down_proj.weight)
-        threshold = {site: torch.as_tensor(thresholds[(number, site)], dtype=torch.float32).reshape(-1).contiguous()
-                     for site in self.sites}
-        qkv_out = 0
-        if "act" in threshold:
-            weights["blocks"] = torch.cat([mlp.up_proj.weight, mlp.down_proj.weight.t()], dim=1)
-        if "attn_in" in threshold:
-            fed = [p for p, _ in _hooked_modules(layer, "attn_in", self.kv_dense)]
-            weights |= dict(qkv_rows=torch.cat([p.weight for p in fed]).t(), qkv_bias=torch.cat(
-                [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in fed]))
-            qkv_out = sum(p.out_features for p in fed)
-        if "o_in" in threshold:
-            weights["o_rows"] = attention.o_proj.weight.t()
-        if "ffn_in" in threshold:
-            weights["gate_up_rows"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t()
-        if "h" in threshold:
-            weights["down_rows"] = mlp.down_proj.weight.t()
-        pointers = {name: None if w is None else self._keep(w.detach().contiguous()).data_ptr()
-                    for name, w in weights.items()}
-        sites = [threshold.get(site) for site in SITES]
-        return Layer(**pointers, qkv_out=qkv_out, threshold=(ctypes.c_void_p * len(SITES))(*(
-                         None if t is None else self._keep(t).data_ptr() for t in sites)),
-                     step=(ctypes.c_int64 * len(SITES))(*(int(t is not None and t.numel() > 1) for t in sites)),
+        act_kernel = isinstance(mlp, kernels.SparseGatedMLP)
+        dense_mlp = mlp.original[0] if act_kernel else mlp  # its projections: dense steps read them
+        q, o, gate, down = attention.q_proj, attention.o_proj, dense_mlp.gate_proj, dense_mlp.down_proj
+        pointers = dict(
+            ln1=layer.input_layernorm.weight, wq=q.weight, bq=q.bias, wk=attention.k_proj.weight,
+            bk=attention.k_proj.bias, wv=attention.v_proj.weight, bv=attention.v_proj.bias, wo=o.weight,
+            ln2=layer.post_attention_layernorm.weight, wg=gate.weight, wu=dense_mlp.up_proj.weight, wd=down.weight)
+        threshold: dict[str, torch.Tensor] = {}
+        for site, module, rows, bias in (("attn_in", q, "qkv_rows", "qkv_bias"), ("o_in", o, "o_rows", None),
+                                         ("ffn_in", gate, "gate_up_rows", None), ("h", down, "down_rows", None)):
+            if isinstance(module, kernels.SparseInputLinear):
+                pointers[rows], threshold[site] = module.shared.kernel.rows, module.threshold
+                if bias:
+                    pointers[bias] = module.shared.kernel.bias
+        if act_kernel:
+            pointers["blocks"], threshold["act"] = mlp.kernel.blocks, mlp.threshold
+        qkv_out = pointers["qkv_rows"].shape[1] if "qkv_rows" in pointers else 0
+        thresholds = [None if (t := threshold.get(site)) is None else self._keep(t.contiguous()) for site in SITES]
+        return Layer(**{name: None if w is None else w.data_ptr() for name, w in pointers.items()}, qkv_out=qkv_out,
+                     threshold=(ctypes.c_void_p * len(SITES))(*(t if t is None else t.data_ptr() for t in thresholds)),
+                     step=(ctypes.c_int64 * len(SITES))(*(int(t is not None and t.numel() > 1) for t in thresholds)),
                      kcache=self._buffer(cache_size), vcache=self._buffer(cache_size))
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
@@ -253,14 +250,6 @@ class CDecoder:
                                for slot, site in enumerate(SITES) if site in self.sites})
         h = x * torch.rsqrt(x.pow(2).mean() + self.shape.eps) * self.norm
         return self.lm_head(h)
-
-
-def _hooked_modules(layer, site: str, kv_dense: bool) -> list[tuple[torch.nn.Module, bool]]:
-    """(module, whether its output is masked rather than its input) for one thresholded site."""
-    attention, mlp = layer.self_attn, layer.mlp
-    attn_in = [attention.q_proj] if kv_dense else [attention.q_proj, attention.k_proj, attention.v_proj]
-    return {"act": [(mlp.act_fn, True)], "attn_in": [(m, False) for m in attn_in], "o_in": [(attention.o_proj, False)],
-            "ffn_in": [(mlp.gate_proj, False), (mlp.up_proj, False)], "h": [(mlp.down_proj, False)]}[site]
 
 
 def check(model, decoder: CDecoder, thresholds: dict, tokens: torch.Tensor) -> None:
@@ -294,14 +283,15 @@ def check(model, decoder: CDecoder, thresholds: dict, tokens: torch.Tensor) -> N
             tally["nearest"] = max(tally["nearest"], float(distance.max()))
         return values * kept
 
-    hooks = []
+    hooks, anatomy = [], anatomy_of(model)
     for number, layer in enumerate(decoder_layers(model)):
         for site in decoder.sites:
-            for module, on_output in _hooked_modules(layer, site, decoder.kv_dense):
-                if on_output:
-                    hook = module.register_forward_hook(lambda m, i, out, n=number, s=site: masked(out, n, s))
-                else:
+            for hooked in hook_sites(anatomy, site, decoder.kv_dense):
+                module = layer.get_submodule(hooked.path)
+                if hooked.is_input:
                     hook = module.register_forward_pre_hook(lambda m, i, n=number, s=site: (masked(i[0], n, s),))
+                else:
+                    hook = module.register_forward_hook(lambda m, i, out, n=number, s=site: masked(out, n, s))
                 hooks.append(hook)
     try:
         with torch.inference_mode():

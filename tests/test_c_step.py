@@ -72,11 +72,11 @@ def test_the_check_fails_when_the_c_steps_threshold_otherwise():
         bench.check(_model("qwen2"), decoder, medians, PROMPT)
 
 
-@pytest.mark.parametrize("extra", ["ffn_in", "gate"])
-def test_thresholds_the_layer_cannot_take_are_refused_by_name(extra):
-    """act and an FFN input both (the library's sparse decoding refuses it too), or a component
-    no kernel reads."""
+@pytest.mark.parametrize("extra, message", [("ffn_in", "act and an FFN input"), ("gate", "'gate'")])
+def test_thresholds_the_layer_cannot_take_are_refused_by_name(extra, message):
+    """act and an FFN input both, or a component no kernel reads: refused as the library's sparse
+    decoding, whose layouts the C layer reads, refuses them."""
     bench = bench_module("bench_c_step")
     thresholds = _medians("llama", "cats") | {(0, extra): 0.1}
-    with pytest.raises(ValueError, match=extra):
+    with pytest.raises(ValueError, match=message):
         bench.CDecoder(_model("llama"), thresholds, 8)
