@@ -209,7 +209,8 @@ class TorchKernel:
 # same thread pool instead of starting a second one.
 PARTS = 16  # at least the threads a machine gives PyTorch, or the rest idle in the products
 COLUMN_SPLIT_OUT = 2048
-_NATIVE_SOURCE = r"""
+WIDE_OUTPUT = 16  # dense_product reads a weight with this many times more outputs than inputs transposed
+NATIVE_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -334,8 +335,8 @@ static void axpy_block(const float *const row[ROWS], const float *restrict h, in
         for (int q = 0; q < ROWS; q++) y[j] += h[q] * row[q][j];
 }
 
-/* y[c0:c1] += sum over i in [lo, hi) of h[i] * w[index[i]][c0:c1] (w: rows of `out` floats), ROWS
-   rows side by side, spread or consecutive (`member`) */
+/* y[c0:c1] += sum over i in [lo, hi) of h[i] * w[index[i]][c0:c1] (w: rows of `out` floats; no
+   index: row i), ROWS rows side by side, spread or consecutive (`member`) */
 static void axpy_rows(const float *restrict w, int64_t out, const int64_t *restrict index, int64_t lo, int64_t hi,
                       const float *restrict h, int64_t c0, int64_t c1, int spread, float *restrict y) {
     int64_t groups = (hi - lo) / ROWS;
@@ -344,13 +345,13 @@ static void axpy_rows(const float *restrict w, int64_t out, const int64_t *restr
         float hg[ROWS];
         for (int q = 0; q < ROWS; q++) {
             int64_t i = member(lo, groups, spread, g, q);
-            row[q] = w + index[i] * out;
+            row[q] = w + (index ? index[i] : i) * out;
             hg[q] = h[i];
         }
         axpy_block(row, hg, c0, c1, y);
     }
     for (int64_t i = lo + groups * ROWS; i < hi; i++) {
-        const float *row = w + index[i] * out;
+        const float *row = w + (index ? index[i] : i) * out;
         for (int64_t j = c0; j < c1; j++) y[j] += h[i] * row[j];
     }
 }
@@ -391,6 +392,21 @@ static void block_pass(const float *restrict blocks, const float *restrict up_bi
         for (int64_t t = 0; t < hidden; t++) sum += row[t] * x[t];
         float h = active[i] * sum;
         for (int64_t t = 0; t < hidden; t++) y[t] += h * row[hidden + t];
+    }
+}
+
+/* y = w x + bias from the weight transposed (w_rows: `in` rows of `out` floats), each thread a
+   share of the output columns over every row: for outputs many times wider than the input (an
+   lm_head), which stream faster so than as dot products (bench/RESULTS.md). Each output's sum is
+   the same instructions on any thread count. */
+void dense_matvec_rows(const float *restrict w_rows, const float *restrict bias, const float *restrict x, int64_t in,
+                       int64_t out, float *restrict y, int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t lo, hi;
+        share(out, COLUMNS, &lo, &hi);
+        if (bias) memcpy(y + lo, bias + lo, (hi - lo) * sizeof(float)); else memset(y + lo, 0, (hi - lo) * sizeof(float));
+        axpy_rows(w_rows, out, NULL, 0, in, x, lo, hi, 0, y);
     }
 }
 
@@ -455,15 +471,15 @@ int64_t sparse_linear(const float *restrict x, const float *restrict t, int64_t 
 def native_library() -> ctypes.CDLL | None:
     """The C loops compiled for this machine; None when no compiler works, so decoding falls back
     to ``TorchKernel``."""
-    lib = native.load("sparse decode kernel", _NATIVE_SOURCE, ("-fopenmp",)) or native.load(
-        "sparse decode kernel", _NATIVE_SOURCE)  # without OpenMP: one thread
+    lib = native.load("sparse decode kernel", NATIVE_SOURCE, ("-fopenmp",)) or native.load(
+        "sparse decode kernel", NATIVE_SOURCE)  # without OpenMP: one thread
     if lib is None:
         return None
     pointer, size, count = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.sparse_ffn.argtypes = [pointer, pointer, size, size, size, *[pointer] * 4, size, pointer, pointer, size, pointer, pointer, count]
     lib.sparse_linear.argtypes = [pointer, pointer, size, size, size, pointer, pointer, size, pointer, pointer, size, pointer, pointer, count]
     lib.sparse_ffn.restype = lib.sparse_linear.restype = size
-    lib.dense_matvec.argtypes = [pointer, pointer, pointer, size, size, pointer, count]
+    lib.dense_matvec.argtypes = lib.dense_matvec_rows.argtypes = [pointer, pointer, pointer, size, size, pointer, count]
     return lib
 
 
@@ -478,19 +494,29 @@ def dense_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
     and the dense products of a sparse step (a CATS gate, the projections no threshold feeds, the
     lm_head) and the dense baseline it is compared with must run on the same code as the kernels,
     or the speedup measures the BLAS, not sparsity. The weight is checked once here, not per
-    token (~4 us of Python a call, ~200 calls a step)."""
+    token (~4 us of Python a call, ~200 calls a step).
+
+    An output at least ``WIDE_OUTPUT`` times wider than its input (an lm_head) is read from a
+    transposed copy instead (``dense_matvec_rows``, in huge pages): 12-15% faster on 1 and 2
+    threads for SmolLM2's and Qwen2.5-1.5B's lm_heads, ~2.4 ms of a 1.5B step on every side
+    (bench/RESULTS.md), for one more copy of that weight (~0.9 GB there) while it lives."""
     lib = native_library()
     native = lib is not None and weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu" and (
         weight.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
     if not native:
         return torch_product(weight, bias)
     out, inputs = weight.shape
+    if out >= WIDE_OUTPUT * inputs:
+        read, layout = lib.dense_matvec_rows, _layout_of(weight.t())
+        sizes = inputs, out
+    else:
+        read, layout, sizes = lib.dense_matvec, weight, (out, inputs)
 
     def product(x: torch.Tensor) -> torch.Tensor:
         if x.numel() != inputs or x.shape[-1] != inputs or x.dtype != torch.float32:  # not one float32 token
             return F.linear(x, weight, bias)
         x, y = x.contiguous(), torch.empty(out)
-        lib.dense_matvec(weight.data_ptr(), _pointer(bias), x.data_ptr(), out, inputs, y.data_ptr(), torch.get_num_threads())
+        read(layout.data_ptr(), _pointer(bias), x.data_ptr(), *sizes, y.data_ptr(), torch.get_num_threads())
         return y.view(*x.shape[:-1], out)
 
     return product

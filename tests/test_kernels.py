@@ -435,15 +435,17 @@ def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 def test_dense_product_equals_float64_and_gives_the_same_bits_on_any_thread_count(monkeypatch):
     """The C matvec against numpy in float64, on shapes leaving tails of the 8-row groups and of
-    the 8-float vectors, with and without a bias; 1, 2 and 3 threads agree bit for bit. What it
+    the 8-float vectors, with and without a bias; 1, 2 and 3 threads agree bit for bit. Outputs
+    ``WIDE_OUTPUT`` times wider than the input (the last two shapes) are read transposed. What it
     does not take (several tokens, another dtype of weight or token, a non-contiguous weight) is
-    ``F.linear``'s, and the C function is called for the float32 tokens only."""
+    ``F.linear``'s, and the C functions are called for the float32 tokens only."""
     rng = np.random.default_rng(12)
     lib, calls = native_library(), []
-    matvec = lib.dense_matvec
-    monkeypatch.setattr(lib, "dense_matvec", lambda *args: calls.append(args) or matvec(*args))
+    for name in ("dense_matvec", "dense_matvec_rows"):
+        function = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *args, name=name, function=function: calls.append(name) or function(*args))
     before = torch.get_num_threads()
-    for out, inputs in [(203, 75), (8, 64), (5, 3)]:
+    for out, inputs in [(203, 75), (8, 64), (5, 3), (16 * 75, 75), (501, 13)]:
         w, x, b = rng.standard_normal((out, inputs)), rng.standard_normal(inputs), rng.standard_normal(out)
         weight, x32, bias = (torch.tensor(v, dtype=torch.float32) for v in (w, x, b))
         for with_bias in (bias, None):
@@ -458,13 +460,13 @@ def test_dense_product_equals_float64_and_gives_the_same_bits_on_any_thread_coun
             assert outputs[0].shape == (1, 1, out)
             assert all(torch.equal(y, outputs[0]) for y in outputs[1:])
             np.testing.assert_allclose(outputs[0].view(-1).numpy(), expected, rtol=0, atol=1e-5 * np.abs(w).sum(1).max())
-    assert len(calls) == 3 * 2 * 3
+    assert calls == ["dense_matvec"] * 18 + ["dense_matvec_rows"] * 12
     linear = torch.nn.functional.linear
     two_tokens, as64, strided = torch.randn(2, inputs), (x32.double(), weight.double(), bias.double()), torch.randn(inputs, out).t()
     assert torch.equal(kernels.dense_product(weight, bias)(two_tokens), linear(two_tokens, weight, bias))
     assert torch.equal(kernels.dense_product(*as64[1:])(as64[0]), linear(*as64))
     assert torch.equal(kernels.dense_product(strided, bias)(x32), linear(x32, strided, bias))
-    assert len(calls) == 3 * 2 * 3  # none of these reached the C function
+    assert len(calls) == 30  # none of these reached the C functions
 
 
 @pytest.mark.parametrize("components", [("act",), TEAL_INPUTS])
