@@ -44,6 +44,9 @@ class Anatomy:
     v: str | None = None
     qkv: str | None = None  # fused q/k/v projection
     o: str = "self_attn.o_proj"
+    # its decoder layer is the Llama layer actsparse.compiled_step implements in C (RMSNorm, rotate_half
+    # rotary, grouped-query attention, a SiLU-gated FFN): decode_speed then also times that step
+    compiled_step: bool = False
 
     @property
     def gated(self) -> bool:
@@ -75,9 +78,9 @@ _LLAMA_LIKE = dict(
 
 # model_type (from the model's config.json) -> anatomy
 ANATOMIES: dict[str, Anatomy] = {
-    "llama": Anatomy(family="llama", **_LLAMA_LIKE),
+    "llama": Anatomy(family="llama", **_LLAMA_LIKE, compiled_step=True),
     "mistral": Anatomy(family="mistral", **_LLAMA_LIKE),
-    "qwen2": Anatomy(family="qwen2", **_LLAMA_LIKE),  # Llama's paths; q/k/v carry biases
+    "qwen2": Anatomy(family="qwen2", **_LLAMA_LIKE, compiled_step=True),  # Llama's paths; q/k/v carry biases
     "gemma": Anatomy(family="gemma", **_LLAMA_LIKE),
     "gemma2": Anatomy(family="gemma", **_LLAMA_LIKE),
     "gemma3_text": Anatomy(family="gemma", **_LLAMA_LIKE),

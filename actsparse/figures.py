@@ -85,9 +85,9 @@ def downstream(frame: pd.DataFrame) -> Figure:
 
 def speedup(frame: pd.DataFrame) -> Figure:
     """Decoding speedup over dense against sparsity, one panel per model and device, one line per
-    method, its speedups over the dense model on the kernels' engine (dash-dot) and over its
-    kernels keeping every channel (dotted; both where measured) and its weight-bytes bound dashed,
-    in the same colour; 1 (dense speed) dotted grey."""
+    method, its speedups over the dense model on the kernels' engine (dash-dot), over its kernels
+    keeping every channel (dotted) and of the compiled step (solid, crosses; each where measured)
+    and its weight-bytes bound dashed, in the same colour; 1 (dense speed) dotted grey."""
     keys = list(frame[["model", "device"]].drop_duplicates().itertuples(index=False, name=None))
     figure, axes = panels(keys, "Batch-1 decoding speedup of sparse FFN kernels")
     for ax, (model, device) in zip(axes, keys):
@@ -95,11 +95,12 @@ def speedup(frame: pd.DataFrame) -> Figure:
         for method, curve in rows.groupby("method"):
             curve = curve.sort_values("sparsity")
             (line,) = ax.plot(curve.sparsity, curve.speedup, marker="o", label=method)
-            baselines = (("native_speedup", "-.", "dense on the kernels' engine"), ("kernel_speedup", ":", "full-activity kernels"))
-            for column, style, baseline in baselines:
+            others = (("native_speedup", "-.", "over dense on the kernels' engine"),
+                      ("kernel_speedup", ":", "over full-activity kernels"), ("compiled_speedup", "-", "compiled step"))
+            for column, style, label in others:
                 if curve[column].notna().any():  # results written before it was measured lack it
                     ax.plot(curve.sparsity, curve[column], marker="x", linestyle=style, color=line.get_color(),
-                            label=f"{method} over {baseline}")
+                            label=f"{method} {label}")
             ax.plot(curve.sparsity, curve.bound, linestyle="--", color=line.get_color(), label=f"{method} bound")
         ax.axhline(1.0, **REFERENCE, label="dense")
         finish(ax, f"{model} on {device}", "target sparsity", "speedup over dense (x)")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save
 
-from actsparse import columns, corpora, hooks, kernels, methods, perplexity, sparsifier
+from actsparse import columns, compiled_step, corpora, hooks, kernels, methods, perplexity, sparsifier
 from actsparse.anatomy import anatomy_of
 from actsparse.provenance import write_json, write_safetensors, write_text
 
@@ -281,7 +281,9 @@ def decode_speed(
     """Dense vs sparse decoding tokens/s of one grid point on the CPU (the native kernels' device;
     on a GPU only PyTorch's gathers run, which bench/bench_decode.py --device cuda times), after checking that every sparse kernel computes the masked dense
     model's output of its input (``kernels.sparse_vs_masked``; how many greedy tokens came out
-    alike is recorded). The prompt is ``[BOS]`` + the first evaluation tokens."""
+    alike is recorded); then the same model's decoder layers as one C call each
+    (``compiled_step``, where its family has one), checked against PyTorch first. The prompt is
+    ``[BOS]`` + the first evaluation tokens."""
     from actsparse import models
 
     model, tokenizer = models.load_model(model_dir, "cpu", dtype, own_memory=True)
@@ -291,15 +293,17 @@ def decode_speed(
     kv_dense = methods.requirements(metadata["method"], gated=anatomy_of(model).gated).kv_dense
     agreement = kernels.sparse_vs_masked(model, values, prompt, min(new_tokens, 16), kernel, kv_dense)
     speed = kernels.decode_speed(model, values, prompt, new_tokens, repeats, kernel=kernel, kv_dense=kv_dense)
+    speed |= compiled_step.compiled_speed(model, values, prompt, new_tokens, repeats, kv_dense)
     result = {
         "model": Path(model_dir).name, "method": method, "sparsity": sparsity, "device": "cpu", **speed,
         **dataclasses.asdict(agreement), "prompt_tokens": len(prompt), "new_tokens": new_tokens,
         "repeats": repeats, "kernel": kernel, "threads": torch.get_num_threads(), "provenance": provenance,
     }
     log.info("%s %.2f: dense %.1f tok/s, sparse %.1f tok/s, speedup %.3f (%.3f over the dense model on the kernels' "
-             "engine, %.3f over the kernels keeping every channel; fair %.3f; dense weights streamed at %.1f GB/s)",
-             method, sparsity, speed["dense_tps"], speed["sparse_tps"], speed["speedup"], speed["native_speedup"],
-             speed["kernel_speedup"], speed["fair_speedup"], speed["native_dense_gbps"])
+             "engine, %.3f over the kernels keeping every channel; fair %.3f; dense weights streamed at %.1f GB/s); "
+             "compiled step %.3f", method, sparsity, speed["dense_tps"], speed["sparse_tps"], speed["speedup"],
+             speed["native_speedup"], speed["kernel_speedup"], speed["fair_speedup"], speed["native_dense_gbps"],
+             speed["compiled_speedup"])
     write_json(Path(out_path), result)
     return result
 

@@ -103,7 +103,8 @@ def test_speedup_is_plotted_against_sparsity_with_dense_speed_as_reference():
     frame = pd.DataFrame([("m", method, s, "cpu", 10.0, 10.0 * (1 + s), 1 + s, 1 + 2 * s, 1 - s, 16, 16, 1e-6,
                            12.0, 10.0 * (1 + s) / 12.0 if method == "teal" else float("nan"),
                            14.0, 10.0 * (1 + s) / 14.0 if method == "teal" else float("nan"),
-                           10.0 * (1 + s) / 14.0 if method == "teal" else 1 + s, 30.0, 16)
+                           10.0 * (1 + s) / 14.0 if method == "teal" else 1 + s, 30.0, 16,
+                           *((20.0, 20.0 * (1 + 1.2 * s), 1 + 1.2 * s, 1e-7) if method == "teal" else [float("nan")] * 4))
                           for method in ("cats", "teal") for s in (0.7, 0.5)], columns=list(columns.SPEED))
     figure = figures.speedup(frame)
     assert_labelled(figure)
@@ -117,6 +118,7 @@ def test_speedup_is_plotted_against_sparsity_with_dense_speed_as_reference():
     assert lines["teal over dense on the kernels' engine"].get_linestyle() == "-."
     assert "cats over full-activity kernels" not in lines  # an older result without the measurements
     assert "cats over dense on the kernels' engine" not in lines
+    assert lines["teal compiled step"].get_ydata() == pytest.approx([1.6, 1.84]) and "cats compiled step" not in lines
 
 
 def test_table_ii_is_plotted_as_the_mean_match_rate_over_samples_per_layer_and_strategy():

@@ -707,6 +707,8 @@ def test_speed_stage_writes_the_grid_point_and_the_table(tiny_model_dir, tmp_pat
     assert result["max_module_diff"] < 1e-4
     assert result["bound"] > 1 and 0.3 < result["active_fraction"] < 0.7
     assert result["dense_tps"] > 0 and result["speedup"] == pytest.approx(result["sparse_tps"] / result["dense_tps"])
+    assert result["compiled_logit_diff"] < 1e-5 and result["compiled_speedup"] == pytest.approx(
+        result["compiled_sparse_tps"] / result["compiled_dense_tps"])
     table = stages.speed_table([out], tmp_path / "speed.csv")
     assert tuple(table.columns) == columns.SPEED
     assert table.iloc[0].method == "cats" and table.iloc[0].sparsity == 0.5

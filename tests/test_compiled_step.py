@@ -1,6 +1,6 @@
-"""bench/bench_c_step.py's C decoder layer against PyTorch on tiny models: its speed numbers
-(bench/RESULTS.md) mean something only while its check holds, and the check must fail when the
-C steps compute something else."""
+"""The compiled decoding step (actsparse.compiled_step) against PyTorch on tiny models: its speed
+columns mean something only while its check holds, and the check must fail when the C steps
+compute something else."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from actsparse import compiled_step
 from actsparse.anatomy import decoder_layers
+from actsparse.compiled_step import DENSE, EVERY, SPARSE, CompiledDecoder, check
 from actsparse.hooks import capture
 from actsparse.models import tiny_model
-from conftest import bench_module
 
 PROMPT = torch.tensor([256, *b"The cat sat on the mat."])
 COMPONENTS = {"cats": ("act",), "chess": ("act",), "chess+": ("act", "attn_in", "o_in"),
@@ -44,39 +45,64 @@ def _medians(family: str, method: str) -> dict:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("method", ["cats", "chess", "chess+", "teal"])
-def test_c_steps_equal_pytorch_dense_and_masked(family, method, capsys):
+def test_c_steps_equal_pytorch_dense_and_masked(family, method):
     """CHESS+ keeps k and v dense (kv_dense): its attn_in threshold feeds q alone."""
-    bench = bench_module("bench_c_step")
     thresholds = _medians(family, method)
-    decoder = bench.CDecoder(_model(family), thresholds, len(PROMPT) + 4, kv_dense=method == "chess+")
-    bench.check(_model(family), decoder, thresholds, PROMPT)
-    printed = capsys.readouterr().out
-    assert printed.count("argmax equal") == 2
+    decoder = CompiledDecoder(_model(family), thresholds, len(PROMPT) + 4, kv_dense=method == "chess+")
+    checked = check(_model(family), decoder, thresholds, PROMPT)
+    assert checked.dense_logit_diff < 1e-5 and checked.masked_logit_diff < 1e-5
+    assert checked.values_checked > 0 and checked.nearest_flip <= compiled_step.FLIP_DISTANCE
     active: list[dict] = []  # per layer, per thresholded site: the channels the first token kept
-    decoder.step(int(PROMPT[0]), 0, bench.SPARSE, active)
+    decoder.step(int(PROMPT[0]), 0, SPARSE, active)
     kept = sum(len(channels) for layer in active for channels in layer.values())
     channels = sum(v.shape[-1] for v in _values(family, method).values())
     assert len(active) == len(decoder_layers(_model(family))) and 0.1 < kept / channels < 0.9
-    seconds = bench.time_c_steps(decoder, PROMPT[:4], 4, 1)
-    assert set(seconds) == {bench.DENSE, bench.EVERY, bench.SPARSE} and min(seconds.values()) > 0
+    seconds = compiled_step.time_steps(decoder, PROMPT[:4], 4, 1)
+    assert set(seconds) == {DENSE, EVERY, SPARSE} and min(seconds.values()) > 0
 
 
 def test_the_check_fails_when_the_c_steps_threshold_otherwise():
     """The C steps thresholded at the 30th percentile, PyTorch's reference at the median: the
     masks then differ far from any threshold, which rounding cannot explain."""
-    bench = bench_module("bench_c_step")
     medians = _medians("qwen2", "teal")
     lower = {key: 0.6 * t for key, t in medians.items()}
-    decoder = bench.CDecoder(_model("qwen2"), lower, len(PROMPT))
+    decoder = CompiledDecoder(_model("qwen2"), lower, len(PROMPT))
     with pytest.raises(AssertionError, match="more than rounding"):
-        bench.check(_model("qwen2"), decoder, medians, PROMPT)
+        check(_model("qwen2"), decoder, medians, PROMPT)
 
 
 @pytest.mark.parametrize("extra, message", [("ffn_in", "act and an FFN input"), ("gate", "'gate'")])
 def test_thresholds_the_layer_cannot_take_are_refused_by_name(extra, message):
     """act and an FFN input both, or a component no kernel reads: refused as the library's sparse
     decoding, whose layouts the C layer reads, refuses them."""
-    bench = bench_module("bench_c_step")
     thresholds = _medians("llama", "cats") | {(0, extra): 0.1}
     with pytest.raises(ValueError, match=message):
-        bench.CDecoder(_model("llama"), thresholds, 8)
+        CompiledDecoder(_model("llama"), thresholds, 8)
+
+
+def test_models_the_layer_does_not_implement_are_refused_and_get_no_speed():
+    """A family without a compiled layer, a Llama whose FFN is not SiLU-gated, a Qwen2 attending
+    through a sliding window: refused by name, and ``compiled_speed`` records NaN for it instead
+    of a speed."""
+    gelu, windowed = tiny_model("llama", seed=1), tiny_model("qwen2", seed=1)
+    gelu.config.hidden_act = "gelu"
+    windowed.config.use_sliding_window = True
+    for model, reason in ((tiny_model("gemma", seed=1), "gemma family"), (gelu, "hidden_act 'gelu'"),
+                          (windowed, "sliding attention window")):
+        assert reason in compiled_step.unsupported(model)
+        with pytest.raises(ValueError, match=reason):
+            CompiledDecoder(model, {}, 8)
+        speed = compiled_step.compiled_speed(model, {}, PROMPT, 4, 1)
+        assert all(np.isnan(value) for value in speed.values())
+
+
+def test_compiled_speed_reports_the_sparse_step_over_the_faster_dense_one():
+    speed = compiled_step.compiled_speed(_model("llama"), _medians("llama", "cats"), PROMPT, 6, 1)
+    assert speed["compiled_speedup"] == pytest.approx(speed["compiled_sparse_tps"] / speed["compiled_dense_tps"])
+    assert speed["compiled_dense_tps"] > 0 and speed["compiled_logit_diff"] < 1e-5
+
+
+def test_a_position_beyond_the_cache_is_refused():
+    decoder = CompiledDecoder(_model("llama"), _medians("llama", "cats"), 4)
+    with pytest.raises(IndexError, match="KV cache of 4"):
+        decoder.step(1, 4, DENSE)

@@ -1,37 +1,43 @@
-"""How far sparse decoding's speedup goes once the time a dense and a sparse step share outside
-the weight reads is nearly gone: a Qwen2/Llama decoder layer written in C (RMSNorm, rotary, KV
-cache, attention, residuals) around the library's own products (``dense_matvec``,
-``sparse_ffn``, ``sparse_linear``, compiled into the same library), one C call a layer, against
-the same model on PyTorch's modules as ``kernels.decode_speed`` times it (bench/RESULTS.md: on
-the AMD EPYC VM ~38 ms of a ~170 ms 1.5B step lie outside the products).
+"""A whole decoding step compiled: the model's decoder layers as one C call each around the
+library's own products, so ``decode_speed`` also measures the speedup sparse decoding gives once
+the time a dense and a sparse step share outside their weight reads is nearly gone.
 
-Three kinds of C step rotate step by step (as ``decode_speed``'s sides): dense (every product on
-the C matvec), the kernels keeping every channel, and the kernels with the thresholds: CATS or
-CHESS on ``act`` (the FFN kernel; attention dense), CHESS+ (that and q and o on their inputs), or
-TEAL's four inputs (every projection).
-Printed: median step times, the sparse step's speedup over the faster dense one, the same model's
-``decode_speed`` (PyTorch's modules around the same products) in the same run, and the C steps'
-logits against PyTorch's, dense and masked (``check``), which fails the run if they differ.
+Why: through PyTorch's modules a 1.5B model's step spends ~38 ms of ~170 outside the products
+(attention, norms, rotary, KV cache and residuals as ~1,000 PyTorch ops, and the Python around
+them; bench/RESULTS.md); a dense and a sparse step both pay it, so it caps the ratio whatever the
+kernels skip. Here that time drops to ~12 ms, which is what a serving engine with compiled layers
+would see.
 
-    .venv/bin/python bench/bench_c_step.py \\
-        --model-dir results/models/qwen2.5-coder-1.5b \\
-        --thresholds results/thresholds/qwen2.5-coder-1.5b/cats/0.50.safetensors \\
-        --corpus results/corpora/qwen2.5-coder-1.5b/evaluation.safetensors
+The layer is the Llama one (RMSNorm, rotate_half rotary, grouped-query attention with optional
+q/k/v biases, a SiLU-gated FFN); an anatomy entry with ``compiled_step`` says its family has it,
+and ``unsupported`` refuses models whose configuration departs from it. Its products are the
+library's (``kernels.NATIVE_SOURCE``, compiled into the same library): ``dense_matvec``, and on
+the layouts and thresholds ``kernels.sparsify_for_decode`` builds, ``sparse_ffn`` for ``act``
+(CATS, CHESS) and ``sparse_linear`` for a thresholded input (TEAL; CHESS+'s q and o). Three kinds
+of step: ``DENSE`` (every product on the C matvec), ``EVERY`` (the sparse products keeping every
+channel) and ``SPARSE`` (thresholded). ``check`` compares them with PyTorch's forward before any
+time is reported.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
+import functools
+import logging
+import math
 import statistics
 import time
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from actsparse import corpora, kernels, methods, models, native
+from actsparse import kernels, native
 from actsparse.anatomy import anatomy_of, decoder_layers
-from actsparse.hooks import hook_sites
+from actsparse.hooks import Key, hook_sites
+
+log = logging.getLogger(__name__)
 
 _LAYER_SOURCE = r"""
 enum { DENSE, EVERY, SPARSE }; /* a step's products: all dense; sparse ones keeping every channel; thresholded */
@@ -77,11 +83,20 @@ static void rope(float *x, int64_t count, int64_t d, const float *cos, const flo
         }
 }
 
+static float dot(const float *a, const float *b, int64_t n) {
+    vec acc = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc += *(const vec *)(a + i) * *(const vec *)(b + i);
+    float sum = hsum(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
 static float silu(float x) { return x / (1.0f + expf(-x)); }
 
 /* y = w x + bias: on the C matvec, or, where the layer has the transposed rows and the step is not
    dense, over the inputs the site's threshold keeps (every nonzero one in EVERY), as the library's
-   SparseInputLinear does: 16 parts up to 2048 outputs, else split by output columns */
+   SparseInputLinear does: PARTS parts up to COLUMN_SPLIT_OUT outputs, else split by output columns */
 static void product(const Layer *L, Step *S, int mode, int site, const float *w, const float *rows,
                     const float *bias, const float *x, int64_t in, int64_t out, float *y) {
     if (mode == DENSE || !rows) {
@@ -90,7 +105,7 @@ static void product(const Layer *L, Step *S, int mode, int site, const float *w,
     }
     int sparse = mode == SPARSE;
     S->count[site] = sparse_linear(x, sparse ? L->threshold[site] : S->zero, sparse ? L->step[site] : 0, in, in, rows,
-                                   bias, out, S->index[site], S->active[site], out <= 2048 ? 16 : 0, S->partials, y,
+                                   bias, out, S->index[site], S->active[site], out <= COLUMN_SPLIT_OUT ? PARTS : 0, S->partials, y,
                                    S->threads);
 }
 
@@ -113,32 +128,34 @@ void layer_step(const Layer *L, Step *S, float *x, int64_t pos, const float *cos
         memcpy(L->vcache + (g * S->max_len + pos) * d, v + g * d, d * sizeof(float));
     }
     float scale = 1.0f / sqrtf((float)d);
-    for (int64_t h = 0; h < S->heads; h++) {
+    #pragma omp parallel for num_threads(S->threads) if (S->threads > 1) schedule(static)
+    for (int64_t h = 0; h < S->heads; h++) { /* each head its own row of scores */
         const float *qh = q + h * d, *kc = L->kcache + (h / group) * S->max_len * d;
         const float *vc = L->vcache + (h / group) * S->max_len * d;
-        float top = -INFINITY, total = 0, *out = S->attn + h * d;
+        float top = -INFINITY, total = 0, *out = S->attn + h * d, *scores = S->scores + h * S->max_len;
         for (int64_t t = 0; t <= pos; t++) {
-            float s = 0;
-            for (int64_t i = 0; i < d; i++) s += qh[i] * kc[t * d + i];
-            S->scores[t] = s * scale;
-            top = S->scores[t] > top ? S->scores[t] : top;
+            scores[t] = dot(qh, kc + t * d, d) * scale;
+            top = scores[t] > top ? scores[t] : top;
         }
-        for (int64_t t = 0; t <= pos; t++) total += S->scores[t] = expf(S->scores[t] - top);
+        for (int64_t t = 0; t <= pos; t++) total += scores[t] = expf(scores[t] - top);
         memset(out, 0, d * sizeof(float));
-        for (int64_t t = 0; t <= pos; t++)
-            for (int64_t i = 0; i < d; i++) out[i] += S->scores[t] / total * vc[t * d + i];
+        for (int64_t t = 0; t <= pos; t++) {
+            float p = scores[t] / total;
+            for (int64_t i = 0; i < d; i++) out[i] += p * vc[t * d + i];
+        }
     }
     product(L, S, mode, SITE_O_IN, L->wo, L->o_rows, NULL, S->attn, S->heads * d, hidden, S->o);
     for (int64_t i = 0; i < hidden; i++) x[i] += S->o[i];
     rmsnorm(x, L->ln2, hidden, S->eps, S->h);
     if (sparse_ffn_in) product(L, S, mode, SITE_FFN_IN, NULL, L->gate_up_rows, NULL, S->h, hidden, 2 * I, gate);
     else dense_matvec(L->wg, NULL, S->h, I, hidden, gate, S->threads);
+    #pragma omp parallel for num_threads(S->threads) if (S->threads > 1) schedule(static)
     for (int64_t c = 0; c < I; c++) gate[c] = silu(gate[c]);
     if (mode != DENSE && L->blocks) {
         int sparse = mode == SPARSE;
         S->count[SITE_ACT] = sparse_ffn(gate, sparse ? L->threshold[SITE_ACT] : S->zero, sparse ? L->step[SITE_ACT] : 0,
                                         I, I, L->blocks, NULL, NULL, S->h, hidden, S->index[SITE_ACT],
-                                        S->active[SITE_ACT], 16, S->partials, S->y, S->threads);
+                                        S->active[SITE_ACT], PARTS, S->partials, S->y, S->threads);
     } else {
         if (!sparse_ffn_in) dense_matvec(L->wu, NULL, S->h, I, hidden, up, S->threads);
         for (int64_t c = 0; c < I; c++) up[c] *= gate[c];
@@ -147,6 +164,7 @@ void layer_step(const Layer *L, Step *S, float *x, int64_t pos, const float *cos
     for (int64_t i = 0; i < hidden; i++) x[i] += S->y[i];
 }
 """
+
 
 DENSE, EVERY, SPARSE = range(3)  # layer_step's modes
 SITES = ("attn_in", "o_in", "ffn_in", "h", "act")  # what a threshold reads, in the C enum's order
@@ -170,26 +188,58 @@ class Step(ctypes.Structure):
                 ("count", ctypes.c_int64 * len(SITES))]
 
 
-class CDecoder:
-    """The model's decoder layers as C calls on its own weights (Qwen2 or Llama shapes), reading
-    the very layouts and thresholds ``kernels.sparsify_for_decode`` builds for the library's
-    kernels: ``act``'s FFN blocks (CATS, CHESS), and for a thresholded input the stacked,
-    transposed weights of the projections it feeds (TEAL; CHESS+'s ``attn_in`` with
-    ``kv_dense``: q alone). Bad thresholds fail there, by name."""
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The layer compiled with the kernels' products into one library (None without a compiler)."""
+    constants = f"#define PARTS {kernels.PARTS}\n#define COLUMN_SPLIT_OUT {kernels.COLUMN_SPLIT_OUT}\n"
+    lib = native.load("compiled decoding step", kernels.NATIVE_SOURCE + constants + _LAYER_SOURCE, ("-fopenmp",))
+    if lib is not None:
+        lib.layer_step.argtypes = [ctypes.POINTER(Layer), ctypes.POINTER(Step), ctypes.c_void_p, ctypes.c_int64,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return lib
 
-    def __init__(self, model, thresholds: dict, max_len: int, kv_dense: bool = False) -> None:
-        self.lib = native.load("c decoding step", kernels._NATIVE_SOURCE + _LAYER_SOURCE, ("-fopenmp",))
-        self.lib.layer_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the C layer cannot run this model, or None: it implements exactly the Llama layer."""
+    anatomy, config = anatomy_of(model), model.config
+    parameter = next(model.parameters())
+    layer = decoder_layers(model, anatomy)[0]
+    reasons = {
+        f"the {anatomy.family} family has no compiled layer (its anatomy entry's compiled_step)": not anatomy.compiled_step,
+        f"{parameter.dtype} on {parameter.device.type} (the layer is float32 on the CPU)":
+            parameter.dtype != torch.float32 or parameter.device.type != "cpu",
+        f"hidden_act {getattr(config, 'hidden_act', None)!r} (the layer's FFN is SiLU-gated)":
+            getattr(config, "hidden_act", None) != "silu",
+        "a sliding attention window": bool(getattr(config, "use_sliding_window", False)),
+        "biases on o_proj or the FFN projections": any(
+            getattr(module, "bias", None) is not None
+            for module in (layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)),
+        "no C compiler": library() is None,
+    }
+    return next((reason for reason, refused in reasons.items() if refused), None)
+
+
+class CompiledDecoder:
+    """The model's decoder layers as C calls on its own weights, reading the very layouts and
+    thresholds ``kernels.sparsify_for_decode`` builds for the library's kernels: ``act``'s FFN
+    blocks (CATS, CHESS), and for a thresholded input the stacked, transposed weights of the
+    projections it feeds (TEAL; CHESS+'s ``attn_in`` with ``kv_dense``: q alone). Bad thresholds
+    fail there, by name; a model ``unsupported`` names fails here."""
+
+    def __init__(self, model: nn.Module, thresholds: Mapping[Key, torch.Tensor | float], max_len: int,
+                 kv_dense: bool = False) -> None:
+        if reason := unsupported(model):
+            raise ValueError(f"no compiled decoding step for this model: {reason}")
+        self.lib = library()
         self.sites = tuple(site for site in SITES if any(component == site for _, component in thresholds))
-        self.kv_dense = kv_dense
+        self.kv_dense, self.max_len = kv_dense, max_len
         config = model.config
         hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         d, inter = getattr(config, "head_dim", None) or hidden // heads, config.intermediate_size
         qkv, inputs = (heads + 2 * kv_heads) * d, max(hidden, heads * d, inter)
         self.keep: list[torch.Tensor] = []  # every buffer the C side points into
-        scratch = [self._buffer(size) for size in (hidden, qkv, heads * d, hidden, 2 * inter, hidden, max_len,
-                                                   16 * max(hidden, qkv, 2 * inter), 1)]
+        scratch = [self._buffer(size) for size in (hidden, qkv, heads * d, hidden, 2 * inter, hidden, heads * max_len,
+                                                   kernels.PARTS * max(hidden, qkv, 2 * inter), 1)]
         self.index = [self._keep(torch.empty(inputs, dtype=torch.int64)) for _ in SITES]
         self.shape = Step(hidden, heads, kv_heads, d, inter, max_len, config.rms_norm_eps, torch.get_num_threads(),
                           *scratch, (ctypes.c_void_p * len(SITES))(*(self._buffer(inputs) for _ in SITES)),
@@ -199,9 +249,12 @@ class CDecoder:
         self.kernels = handle  # holds the layouts the layers point into
         self.embed, self.norm = model.get_input_embeddings().weight, model.model.norm.weight
         self.lm_head = kernels.dense_product(model.lm_head.weight, None)
-        self.rotary, self.x = model.model.rotary_emb, torch.empty(hidden)
+        self.x = torch.empty(hidden)
+        with torch.inference_mode():  # every position's rotary angles at once: ~90 us a step less
+            self.cos, self.sin = (t[0].contiguous() for t in model.model.rotary_emb(self.x[None, None],
+                                                                                  torch.arange(max_len)[None]))
 
-    def _layer(self, layer, cache_size: int) -> Layer:
+    def _layer(self, layer: nn.Module, cache_size: int) -> Layer:
         """One layer's pointers while the sparse modules are attached: each module says whether
         its product runs sparse, on which layout, at which threshold."""
         attention, mlp = layer.self_attn, layer.mlp
@@ -237,14 +290,16 @@ class CDecoder:
 
     @torch.inference_mode()
     def step(self, token: int, pos: int, mode: int, active: list[dict] | None = None) -> torch.Tensor:
-        """The logits after ``token`` at position ``pos``, the products read as ``mode`` says.
-        ``active``, if given, gets each layer's active channels per thresholded site."""
-        cos, sin = (t[0, 0].contiguous() for t in self.rotary(self.x[None, None], torch.tensor([[pos]])))
+        """The logits after ``token`` at position ``pos`` (the KV cache holding positions before
+        it), the products read as ``mode`` says. ``active``, if given, gets each layer's active
+        channels per thresholded site."""
+        if not 0 <= pos < self.max_len:
+            raise IndexError(f"position {pos} outside the KV cache of {self.max_len} positions")
+        cos, sin = self.cos[pos], self.sin[pos]
         x = self.x
         x.copy_(self.embed[token])
         for layer in self.layers:
-            self.lib.layer_step(ctypes.addressof(layer), ctypes.addressof(self.shape), x.data_ptr(), pos,
-                                cos.data_ptr(), sin.data_ptr(), mode)
+            self.lib.layer_step(layer, self.shape, x.data_ptr(), pos, cos.data_ptr(), sin.data_ptr(), mode)
             if active is not None:
                 active.append({site: self.index[slot][: self.shape.count[slot]].clone()
                                for slot, site in enumerate(SITES) if site in self.sites})
@@ -252,9 +307,22 @@ class CDecoder:
         return self.lm_head(h)
 
 
-def check(model, decoder: CDecoder, thresholds: dict, tokens: torch.Tensor) -> None:
-    """The C steps' last logits against PyTorch's forward over the same tokens: dense, and masked
-    with the channels the C steps kept. A threshold is a step function: where the two compute its
+@dataclass(frozen=True)
+class Check:
+    """The C steps against PyTorch's forward over the same tokens (``check``)."""
+
+    dense_logit_diff: float  # max |C dense - PyTorch| over the last logits, of their scale
+    masked_logit_diff: float  # the same, sparse C step against PyTorch masked with the C steps' masks
+    mask_flips: int  # values whose C mask differs from thresholding PyTorch's own values
+    values_checked: int
+    nearest_flip: float  # the largest relative distance from its threshold of a flipped value
+
+
+def check(model: nn.Module, decoder: CompiledDecoder, thresholds: Mapping[Key, torch.Tensor | float],
+          tokens: torch.Tensor) -> Check:
+    """The C steps' last logits against PyTorch's forward over ``tokens``: dense, and masked with
+    the channels the C steps kept; raises if either differs beyond float rounding, or if a mask
+    differs from thresholding beyond it. A threshold is a step function: where the two compute its
     input in another order (RMSNorm, attention), a value within rounding of the threshold is kept
     on one side only, and on the 1.5B's massive activations those few flips grow through the
     layers (~1e-1 of the logits' scale after 16 tokens). So the masked reference takes the C steps'
@@ -263,7 +331,7 @@ def check(model, decoder: CDecoder, thresholds: dict, tokens: torch.Tensor) -> N
     for pos, token in enumerate(tokens.tolist()):
         logits = decoder.step(token, pos, DENSE)
     with torch.inference_mode():
-        _compare("dense", logits, model(tokens[None]).logits[0, -1])
+        dense_diff = _compare("dense", logits, model(tokens[None]).logits[0, -1])
     masks: list[list[dict]] = []  # [position][layer][site] active channels of the C steps
     for pos, token in enumerate(tokens.tolist()):
         masks.append([])
@@ -284,7 +352,7 @@ def check(model, decoder: CDecoder, thresholds: dict, tokens: torch.Tensor) -> N
         return values * kept
 
     hooks, anatomy = [], anatomy_of(model)
-    for number, layer in enumerate(decoder_layers(model)):
+    for number, layer in enumerate(decoder_layers(model, anatomy)):
         for site in decoder.sites:
             for hooked in hook_sites(anatomy, site, decoder.kv_dense):
                 module = layer.get_submodule(hooked.path)
@@ -299,65 +367,58 @@ def check(model, decoder: CDecoder, thresholds: dict, tokens: torch.Tensor) -> N
     finally:
         for hook in hooks:
             hook.remove()
-    _compare("thresholded (the C steps' masks)", logits, expected)
-    print(f"  values whose C mask differs from thresholding PyTorch's own: {tally['flips']} of {tally['checked']}, "
-          f"each within {tally['nearest']:.1e} of the threshold (relative)", flush=True)
-    if tally["nearest"] > FLIP_DISTANCE:
+    result = Check(dense_diff, _compare("thresholded (with the C steps' masks)", logits, expected), tally["flips"],
+                   tally["checked"], tally["nearest"])
+    log.info("compiled step against PyTorch: dense logits within %.1e, thresholded within %.1e of their scale; %d of "
+             "%d values masked otherwise than PyTorch's own thresholding, each within %.1e (relative) of its "
+             "threshold", result.dense_logit_diff, result.masked_logit_diff, result.mask_flips, result.values_checked,
+             result.nearest_flip)
+    if result.nearest_flip > FLIP_DISTANCE:
         raise AssertionError(f"the C steps' masks differ from thresholding by more than rounding: a value "
-                             f"{tally['nearest']:.1e} (relative) from its threshold")
+                             f"{result.nearest_flip:.1e} (relative) from its threshold")
+    return result
 
 
-def _compare(label: str, logits: torch.Tensor, expected: torch.Tensor) -> None:
+def _compare(label: str, logits: torch.Tensor, expected: torch.Tensor) -> float:
     diff = float((logits - expected).abs().max()) / float(expected.abs().max())
-    print(f"C {label} step against PyTorch: max |logit diff| {diff:.1e} of scale, "
-          f"argmax {'equal' if logits.argmax() == expected.argmax() else 'DIFFERENT'}", flush=True)
     if diff > LOGIT_TOLERANCE:
-        raise AssertionError(f"the C {label} step computes something else than PyTorch: {diff:.1e} of the logits' scale")
+        raise AssertionError(f"the C {label} step computes something else than PyTorch: {diff:.1e} of the logits' "
+                             f"scale, argmax {int(logits.argmax())} against {int(expected.argmax())}")
+    return diff
 
 
-def time_c_steps(decoder: CDecoder, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[int, float]:
+def time_steps(decoder: CompiledDecoder, prompt_ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[int, float]:
     """Median seconds of each kind of C step (dense, kernels keeping every channel, sparse),
-    rotating step by step after an untimed prompt."""
+    rotating step by step after an untimed prompt, as ``kernels.decode_speed``'s sides do."""
     modes = (DENSE, EVERY, SPARSE)
     seconds: dict[int, list[float]] = {mode: [] for mode in modes}
     for _ in range(repeats):
-        for pos, token in enumerate(prompt.tolist()):
+        for pos, token in enumerate(prompt_ids.tolist()):
             logits = decoder.step(token, pos, DENSE)
         for i in range(new_tokens):
             mode = modes[i % len(modes)]
             started = time.perf_counter()
-            logits = decoder.step(int(logits.argmax()), len(prompt) + i, mode)
+            logits = decoder.step(int(logits.argmax()), len(prompt_ids) + i, mode)
             seconds[mode].append(time.perf_counter() - started)
     return {mode: statistics.median(s) for mode, s in seconds.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--thresholds", required=True)
-    parser.add_argument("--corpus", required=True)
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    model, tokenizer = models.load_model(Path(args.model_dir), "cpu", "float32", own_memory=True)
-    text = corpora.load_corpus(Path(args.corpus))["input_ids"][: args.prompt_tokens - 1]
-    prompt = torch.cat([torch.tensor([models.bos_id(tokenizer)]), text])
-    thresholds, metadata = methods.load_thresholds(Path(args.thresholds))
-    label = f"{metadata['method']} {metadata.get('target_sparsity', '')}"
-    kv_dense = methods.requirements(metadata["method"], gated=anatomy_of(model).gated).kv_dense
-    decoder = CDecoder(model, thresholds, len(prompt) + args.new_tokens, kv_dense)
-    check(model, decoder, thresholds, prompt[:16])
-    c = time_c_steps(decoder, prompt, args.new_tokens, args.repeats)
-    dense, every, sparse = c[DENSE], c[EVERY], c[SPARSE]
-    print(f"{label}, C steps (ms): dense {1e3 * dense:.1f}, kernels keeping every channel {1e3 * every:.1f}, "
-          f"sparse {1e3 * sparse:.1f}: speedup over the faster dense {min(dense, every) / sparse:.3f}", flush=True)
-    del decoder  # its layouts, before decode_speed builds its own
-    speed = kernels.decode_speed(model, thresholds, prompt, args.new_tokens, args.repeats, kv_dense=kv_dense)
-    print(f"{label}, PyTorch's modules (decode_speed, same run): native dense {1e3 / speed['native_dense_tps']:.1f} ms, "
-          f"kernel every channel {1e3 / speed['kernel_dense_tps']:.1f}, sparse {1e3 / speed['sparse_tps']:.1f}: "
-          f"fair speedup {speed['fair_speedup']:.3f} (bound {speed['bound']:.3f})", flush=True)
+CHECKED_TOKENS = 16  # the check's forward, as sparse_vs_masked's greedy tokens
 
 
-if __name__ == "__main__":
-    main()
+def compiled_speed(model: nn.Module, thresholds: Mapping[Key, torch.Tensor | float], prompt_ids: torch.Tensor,
+                   new_tokens: int, repeats: int, kv_dense: bool = False) -> dict[str, float]:
+    """Tokens/s of the compiled dense step (the faster of ``DENSE`` and ``EVERY``), of the sparse
+    one, its speedup over it, and the check's masked logit difference; NaN each, logged, where the
+    model is ``unsupported``. The check runs first, so no speed is reported for a C step that
+    computes something else."""
+    if reason := unsupported(model):
+        log.info("no compiled decoding step: %s", reason)
+        return dict.fromkeys(("compiled_dense_tps", "compiled_sparse_tps", "compiled_speedup", "compiled_logit_diff"),
+                             math.nan)
+    decoder = CompiledDecoder(model, thresholds, len(prompt_ids) + new_tokens, kv_dense)
+    checked = check(model, decoder, thresholds, prompt_ids[:CHECKED_TOKENS])
+    seconds = time_steps(decoder, prompt_ids, new_tokens, repeats)
+    dense, sparse = 1 / min(seconds[DENSE], seconds[EVERY]), 1 / seconds[SPARSE]
+    return {"compiled_dense_tps": dense, "compiled_sparse_tps": sparse, "compiled_speedup": sparse / dense,
+            "compiled_logit_diff": checked.masked_logit_diff}
