@@ -17,13 +17,14 @@ ACC_STDERR = "acc_stderr"  # lm-eval's standard error of acc: sqrt(var(ddof=1) /
 # native_dense_tps, native_speedup: the dense model on the kernels' engine; fair_speedup: over the
 # fastest of the three dense steps, the smallest speedup; native_dense_gbps: the native dense step's
 # weight bytes over its time, low in spells of outside load (kernels.decode_speed);
-# compiled_dense_tps, compiled_sparse_tps, compiled_speedup: the decoder layers as one C call each
-# (the faster of its dense steps, its sparse step, the ratio), NaN where the family has none;
-# compiled_logit_diff: its sparse logits against PyTorch's masked alike, of their scale (compiled_step)
+# compiled_dense_tps, compiled_sparse_tps, compiled_speedup, compiled_dense_gbps: the decoder layers
+# as one C call each (the faster of its dense steps, its sparse step, the ratio, the dense step's
+# weight bytes over its time), NaN where the family has none; compiled_logit_diff: its sparse
+# logits against PyTorch's masked alike, of their scale (compiled_step)
 SPEED = ("model", "method", "sparsity", "device", "dense_tps", "sparse_tps", "speedup", "bound", "active_fraction",
          "tokens_matched", "tokens_checked", "max_module_diff", "kernel_dense_tps", "kernel_speedup", "native_dense_tps",
          "native_speedup", "fair_speedup", "native_dense_gbps", "forced_tokens_matched",
-         "compiled_dense_tps", "compiled_sparse_tps", "compiled_speedup", "compiled_logit_diff")
+         "compiled_dense_tps", "compiled_sparse_tps", "compiled_speedup", "compiled_dense_gbps", "compiled_logit_diff")
 # the paper layouts (actsparse.publish); their value columns follow the data (sparsity levels, tasks)
 MODELS = ("model", "family", "activation", "parameters", "layers", "ffn_share")  # the seed paper's Table I
 PERPLEXITY_WIDE_KEYS = ("model", "method")  # then one ppl column per target sparsity, two decimals

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from actsparse import kernels, native
+from actsparse import columns, kernels, native
 from actsparse.anatomy import anatomy_of, decoder_layers
 from actsparse.hooks import Key, hook_sites
 
@@ -404,21 +404,22 @@ def time_steps(decoder: CompiledDecoder, prompt_ids: torch.Tensor, new_tokens: i
 
 
 CHECKED_TOKENS = 16  # the check's forward, as sparse_vs_masked's greedy tokens
+COLUMNS = columns.SPEED[columns.SPEED.index("compiled_dense_tps"):]  # what compiled_speed returns
 
 
 def compiled_speed(model: nn.Module, thresholds: Mapping[Key, torch.Tensor | float], prompt_ids: torch.Tensor,
                    new_tokens: int, repeats: int, kv_dense: bool = False) -> dict[str, float]:
     """Tokens/s of the compiled dense step (the faster of ``DENSE`` and ``EVERY``), of the sparse
-    one, its speedup over it, and the check's masked logit difference; NaN each, logged, where the
-    model is ``unsupported``. The check runs first, so no speed is reported for a C step that
-    computes something else."""
+    one, its speedup over it, the rate the dense step streamed weights at (as
+    ``native_dense_gbps``: low in spells of outside load, when the ratio climbs) and the check's
+    masked logit difference; NaN each, logged, where the model is ``unsupported``. The check runs
+    first, so no speed is reported for a C step that computes something else."""
     if reason := unsupported(model):
         log.info("no compiled decoding step: %s", reason)
-        return dict.fromkeys(("compiled_dense_tps", "compiled_sparse_tps", "compiled_speedup", "compiled_logit_diff"),
-                             math.nan)
+        return dict.fromkeys(COLUMNS, math.nan)
     decoder = CompiledDecoder(model, thresholds, len(prompt_ids) + new_tokens, kv_dense)
     checked = check(model, decoder, thresholds, prompt_ids[:CHECKED_TOKENS])
     seconds = time_steps(decoder, prompt_ids, new_tokens, repeats)
     dense, sparse = 1 / min(seconds[DENSE], seconds[EVERY]), 1 / seconds[SPARSE]
-    return {"compiled_dense_tps": dense, "compiled_sparse_tps": sparse, "compiled_speedup": sparse / dense,
-            "compiled_logit_diff": checked.masked_logit_diff}
+    speed = dense, sparse, sparse / dense, dense * kernels.dense_step_bytes(model) / 1e9, checked.masked_logit_diff
+    return dict(zip(COLUMNS, speed))

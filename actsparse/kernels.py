@@ -1098,6 +1098,12 @@ def _dense_step_weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, (nn.Linear, SparseInputLinear, DenseLinear))]
 
 
+def dense_step_bytes(model: nn.Module) -> int:
+    """The bytes of weights a dense decoding step reads: over a step's time, the rate the machine
+    streamed weights at (``native_dense_gbps``; low in spells of outside load)."""
+    return sum(weight.numel() * weight.element_size() for weight in _dense_step_weights(model))
+
+
 def weight_bytes_bound(model: nn.Module, handle: SparseDecode) -> float:
     """Dense decoding step's weight bytes over the sparse step's, if each sparsified module read
     exactly the share of its skippable weights (``skippable_params``) that its inputs left active
@@ -1157,12 +1163,11 @@ def decode_speed(
         handle.keep_every_channel(False)
     dense, native_dense, kernel_dense, sparse = (1 / statistics.median(steps[side]) for side in _SIDES)
     fastest_dense = max(dense, native_dense, kernel_dense)
-    dense_step_bytes = sum(weight.numel() * weight.element_size() for weight in _dense_step_weights(model))
     speed = {"dense_tps": dense, "sparse_tps": sparse, "speedup": sparse / dense, "kernel_dense_tps": kernel_dense,
              "kernel_speedup": sparse / kernel_dense, "native_dense_tps": native_dense,
              "native_speedup": sparse / native_dense, "fair_speedup": sparse / fastest_dense,
              "bound": weight_bytes_bound(model, handle), "active_fraction": handle.active_fraction(),
-             "native_dense_gbps": native_dense * dense_step_bytes / 1e9}
+             "native_dense_gbps": native_dense * dense_step_bytes(model) / 1e9}
     if speed["fair_speedup"] > speed["bound"]:
         log.warning("fair speedup %.3f exceeds its weight-bytes bound %.3f: other processes probably took memory "
                     "bandwidth (the native dense step streamed %.1f GB/s); rerun on an idle machine",

@@ -100,6 +100,8 @@ def test_compiled_speed_reports_the_sparse_step_over_the_faster_dense_one():
     speed = compiled_step.compiled_speed(_model("llama"), _medians("llama", "cats"), PROMPT, 6, 1)
     assert speed["compiled_speedup"] == pytest.approx(speed["compiled_sparse_tps"] / speed["compiled_dense_tps"])
     assert speed["compiled_dense_tps"] > 0 and speed["compiled_logit_diff"] < 1e-5
+    weights = sum(m.weight.numel() * 4 for m in _model("llama").modules() if isinstance(m, torch.nn.Linear))
+    assert speed["compiled_dense_gbps"] == pytest.approx(speed["compiled_dense_tps"] * weights / 1e9)
 
 
 def test_a_position_beyond_the_cache_is_refused():

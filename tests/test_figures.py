@@ -104,7 +104,7 @@ def test_speedup_is_plotted_against_sparsity_with_dense_speed_as_reference():
                            12.0, 10.0 * (1 + s) / 12.0 if method == "teal" else float("nan"),
                            14.0, 10.0 * (1 + s) / 14.0 if method == "teal" else float("nan"),
                            10.0 * (1 + s) / 14.0 if method == "teal" else 1 + s, 30.0, 16,
-                           *((20.0, 20.0 * (1 + 1.2 * s), 1 + 1.2 * s, 1e-7) if method == "teal" else [float("nan")] * 4))
+                           *((20.0, 20.0 * (1 + 1.2 * s), 1 + 1.2 * s, 40.0, 1e-7) if method == "teal" else [float("nan")] * 5))
                           for method in ("cats", "teal") for s in (0.7, 0.5)], columns=list(columns.SPEED))
     figure = figures.speedup(frame)
     assert_labelled(figure)
