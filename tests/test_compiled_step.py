@@ -108,3 +108,15 @@ def test_a_position_beyond_the_cache_is_refused():
     decoder = CompiledDecoder(_model("llama"), _medians("llama", "cats"), 4)
     with pytest.raises(IndexError, match="KV cache of 4"):
         decoder.step(1, 4, DENSE)
+
+
+def test_repeats_decode_on_from_one_prompt_pass():
+    """``time_steps`` runs the prompt once and every repeat decodes on from its cache: afterwards
+    the step right after the prompt still equals PyTorch's forward over the prompt and that token."""
+    model, prompt = _model("qwen2"), PROMPT[:8]
+    decoder = CompiledDecoder(model, _medians("qwen2", "teal"), len(prompt) + 6)
+    compiled_step.time_steps(decoder, prompt, 6, 2)
+    logits = decoder.step(7, len(prompt), DENSE)
+    with torch.inference_mode():
+        expected = model(torch.cat([prompt, torch.tensor([7])])[None]).logits[0, -1]
+    assert float((logits - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
